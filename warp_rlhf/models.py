@@ -117,15 +117,17 @@ def packaged_smollm2_gguf() -> Path:
 def convert_smollm2(out: Path, dtype: str = "bfloat16") -> None:
     """Dequantise the packaged GGUF into a plain Llama HF directory (safetensors) at ``out``."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     gguf = packaged_smollm2_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # save_pretrained refuses a GGUF-loaded model; a plain model of the same config takes its weights.
-    config = loaded.config
-    config.dtype = dtype
-    plain = LlamaForCausalLM(config)
+    # The weights are dequantised, so the GGUF quantization_config must not survive (vLLM rejects it).
+    values = loaded.config.to_dict()
+    values.pop("quantization_config", None)
+    values["dtype"] = dtype
+    plain = LlamaForCausalLM(LlamaConfig(**values))
     plain.load_state_dict(loaded.state_dict())
     plain.to(getattr(torch, dtype))
     plain.generation_config = GenerationConfig(

