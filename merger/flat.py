@@ -81,3 +81,16 @@ def flatten(tensors: Iterable[tuple[str, torch.Tensor]], version: int = 0) -> Fl
     for spec, (_, t) in zip(specs, items, strict=True):
         target[spec.offset : spec.offset + spec.nbytes].view(t.dtype).view(t.shape).copy_(t)
     return FlatWeights(buffer, tuple(specs), version)
+
+
+def allocate(entries: Iterable[tuple[str, str, tuple[int, ...], int]], version: int = 0) -> FlatWeights:
+    """An uninitialised FlatWeights for (name, dtype, shape, nbytes) entries, laid out as `flatten` lays them out.
+
+    Lets a reader fill the buffer in place (a checkpoint read straight into it, a merge writing its
+    result into it) instead of building every tensor first and packing them afterwards.
+    """
+    specs, offset = [], 0
+    for name, dtype, shape, nbytes in entries:
+        specs.append(TensorSpec(name, dtype, tuple(shape), offset, nbytes))
+        offset = _aligned(offset + nbytes)
+    return FlatWeights(np.empty(offset, dtype=np.uint8), tuple(specs), version)

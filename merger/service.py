@@ -1,0 +1,117 @@
+"""The merger service: the end of every WARP iteration (merge the M runs, LITI, save, hand back θ_init).
+
+Owns ``Merger``, a plain class that works in-process, and ``MergerService``, the same class as a Ray
+actor with resources from config (``ray.remote(...)(Merger)``, built here, never a decorator). Inputs
+are FlatWeights, Ray object references to FlatWeights, or HF directories, in any mix; the merge
+streams one tensor at a time, writes ``<output>/iter-<i>/slerp`` and ``iter-<i>/init`` per the output
+contract, and returns the new θ_init as FlatWeights: numpy bytes, which Ray fans out zero-copy.
+
+Imports torch (through merger.streaming) and ray lazily, only in MergerService or when an input is an
+object reference; never vllm or deepspeed.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+from merger.checkpoint import Checkpoint, CheckpointWriter, check_same_layout, tensor_nbytes
+from merger.errors import CheckpointError
+from merger.flat import FlatWeights, allocate
+from merger.streaming import FlatSource, Source, merge_stream, single_threaded
+
+if TYPE_CHECKING:
+    import ray
+
+    from warp_rlhf.config import Config
+
+Weights = Union[FlatWeights, "ray.ObjectRef", str, Path]  # noqa: UP007 (a string member needs Union)
+
+
+class Merger:
+    """Merges one iteration's final policies into θ_slerp, then θ_init of the next iteration by LITI.
+
+    λ = ``warp.lam`` for two runs, 1/k at step k for more; η = ``warp.eta``; method, granularity and
+    shard size from the ``merger`` section. ``reference_dir`` (θ_sft's directory) supplies config,
+    generation config and tokenizer files of every checkpoint written.
+    """
+
+    def __init__(self, config: Config, reference_dir: str | Path, output_dir: str | Path | None = None) -> None:
+        self.settings = config.merger
+        self.lam, self.eta = config.warp.lam, config.warp.eta
+        self.reference_dir = Path(reference_dir)
+        self.output_dir = Path(output_dir if output_dir is not None else config.output.dir)
+
+    def merge(self, iteration: int, init: Weights, policies: Sequence[Weights]) -> FlatWeights:
+        """θ_slerp and θ_init of 1-based ``iteration``, saved under ``iter-<i>/``; returns θ_init."""
+        if not policies:
+            raise CheckpointError(f"iteration {iteration}: no policies to merge")
+        lam = self.lam if len(policies) == 2 else None
+        iteration_dir = self.output_dir / f"iter-{iteration}"
+        with ExitStack() as stack, single_threaded():
+            init_source = _source(init, stack)
+            sources = [_source(p, stack) for p in policies]
+            for m, source in enumerate(sources, start=1):
+                check_same_layout(init_source.layout, source.layout, "θ_init", f"policy {m}")
+            with Checkpoint(self.reference_dir) as reference:
+                check_same_layout(reference.layout, init_source.layout, str(self.reference_dir), "θ_init", dtypes=False)
+            layout = init_source.layout
+            out = allocate((name, d, s, tensor_nbytes(d, s)) for name, (d, s) in layout.items())
+            views = dict(out.tensors())
+            # Re-running an iteration (resume after a crash) replaces its complete, older outputs.
+            writers = [
+                stack.enter_context(
+                    CheckpointWriter(
+                        iteration_dir / kind, layout, self.reference_dir, self.settings.shard_size_mb, True
+                    )
+                )
+                for kind in ("slerp", "init")
+            ]
+            stream = merge_stream(
+                init_source, sources, self.settings.method, lam, self.eta, self.settings.granularity, True, views
+            )
+            for name, merged, new_init in stream:  # new_init is views[name], already in the returned buffer
+                writers[0].write(name, merged)
+                writers[1].write(name, new_init)
+        return out
+
+
+def _source(weights: Any, stack: ExitStack) -> Source:
+    """A merge input from FlatWeights, an object reference to FlatWeights, or an HF directory."""
+    ray = sys.modules.get("ray")  # an ObjectRef can only exist where ray is already imported
+    if ray is not None and isinstance(weights, ray.ObjectRef):
+        weights = ray.get(weights)  # zero-copy from the local object store
+    if isinstance(weights, FlatWeights):
+        return FlatSource(weights)
+    if isinstance(weights, str | Path):
+        return stack.enter_context(Checkpoint(weights))
+    raise CheckpointError(f"cannot merge a {type(weights).__name__}: expected FlatWeights, an ObjectRef or a directory")
+
+
+class MergerService:
+    """``Merger`` as a Ray actor, with ``merger.num_cpus`` from config; one per WARP run."""
+
+    def __init__(self, config: Config, reference_dir: str | Path) -> None:
+        import ray
+
+        # Absolute paths: the actor's working directory is not the driver's.
+        output_dir = Path(config.output.dir).resolve()
+        actor_class = ray.remote(num_cpus=config.merger.num_cpus)(Merger)
+        self._actor = actor_class.remote(config, str(Path(reference_dir).resolve()), str(output_dir))
+
+    def merge(self, iteration: int, init: Weights, policies: Sequence[Weights]) -> ray.ObjectRef:
+        """Start the merge of one iteration; the reference is to the new θ_init (FlatWeights).
+
+        The result already lives in the object store: pass the reference itself to every actor pool
+        and learner group (no second ``ray.put``); ``ray.get`` of it is zero-copy. Directory inputs
+        must be readable where the actor runs.
+        """
+        return self._actor.merge.remote(iteration, init, list(policies))
+
+    def shutdown(self) -> None:
+        import ray
+
+        ray.kill(self._actor)

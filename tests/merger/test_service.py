@@ -1,0 +1,87 @@
+"""The merger service: in-process Merger, its Ray-actor form (parity), outputs per the contract, light import."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from merger import CheckpointError, FlatWeights, Merger, MergerService, load_flat, merge_checkpoints
+from merger.checkpoint import Checkpoint
+from warp_rlhf.config import Config, MergerConfig, OutputConfig, WarpConfig
+
+
+def _config(out_dir, **merger) -> Config:
+    return Config(output=OutputConfig(dir=str(out_dir)), merger=MergerConfig(**merger), warp=WarpConfig(eta=0.3))
+
+
+def test_merge_writes_the_iteration_and_returns_the_new_init(tiny_model_dir, make_policies, tmp_path) -> None:
+    dirs = make_policies(2)
+    new_init = Merger(_config(tmp_path / "run"), tiny_model_dir).merge(
+        2, load_flat(tiny_model_dir), [load_flat(d) for d in dirs]
+    )
+    merge_checkpoints(tiny_model_dir, dirs, tmp_path / "init", eta=0.3, merged_dir=tmp_path / "slerp")
+    iteration = tmp_path / "run" / "iter-2"
+    assert sorted(p.name for p in iteration.iterdir()) == ["init", "slerp"]
+    for kind in ("init", "slerp"):  # the same bytes as the offline merge of the same directories
+        assert np.array_equal(load_flat(iteration / kind).buffer, load_flat(tmp_path / kind).buffer)
+        assert (iteration / kind / "tokenizer.json").is_file()
+    assert isinstance(new_init, FlatWeights)
+    assert np.array_equal(new_init.buffer, load_flat(iteration / "init").buffer)
+
+
+def test_directory_inputs_and_reruns(tiny_model_dir, make_policies, tmp_path) -> None:
+    dirs = make_policies(3)
+    merger = Merger(_config(tmp_path / "run", granularity="global"), tiny_model_dir)
+    from_flat = merger.merge(1, load_flat(tiny_model_dir), [load_flat(d) for d in dirs])
+    from_dirs = merger.merge(1, tiny_model_dir, dirs)  # a rerun replaces the iteration's outputs
+    assert np.array_equal(from_flat.buffer, from_dirs.buffer)
+    assert not [p for p in (tmp_path / "run" / "iter-1").iterdir() if p.name.startswith(".")]
+
+
+def test_mismatched_inputs_are_refused_before_writing(tiny_model_dir, make_policies, bf16_init_dir, tmp_path) -> None:
+    merger = Merger(_config(tmp_path / "run"), tiny_model_dir)
+    with pytest.raises(CheckpointError, match="policy 1: tensor .* has dtype bfloat16"):
+        merger.merge(1, tiny_model_dir, [bf16_init_dir, make_policies(2)[1]])
+    with pytest.raises(CheckpointError, match="no policies"):
+        merger.merge(1, tiny_model_dir, [])
+    with pytest.raises(CheckpointError, match="cannot merge a dict"):
+        merger.merge(1, tiny_model_dir, [{}])
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.ray
+def test_ray_actor_gives_the_same_bytes_as_in_process(ray_cluster, tiny_model_dir, make_policies, tmp_path) -> None:
+    ray = ray_cluster
+    dirs = make_policies(2)
+    init, policies = load_flat(tiny_model_dir), [load_flat(d) for d in dirs]
+    local = Merger(_config(tmp_path / "local"), tiny_model_dir).merge(1, init, policies)
+    service = MergerService(_config(tmp_path / "remote"), tiny_model_dir)
+    try:
+        ref = service.merge(1, ray.put(init), [ray.put(p) for p in policies])  # object references in
+        remote = ray.get(ref)
+    finally:
+        service.shutdown()
+    assert np.array_equal(remote.buffer, local.buffer) and remote.specs == local.specs
+    for kind in ("slerp", "init"):
+        with (
+            Checkpoint(tmp_path / "remote" / "iter-1" / kind) as a,
+            Checkpoint(tmp_path / "local" / "iter-1" / kind) as b,
+        ):
+            assert a.layout == b.layout
+        assert np.array_equal(
+            load_flat(tmp_path / "remote" / "iter-1" / kind).buffer,
+            load_flat(tmp_path / "local" / "iter-1" / kind).buffer,
+        )
+
+
+def test_importing_merger_imports_nothing_heavy() -> None:
+    code = (
+        "import sys, merger\n"
+        "from merger import CheckpointError, FlatWeights\n"
+        "import merger.checkpoint, merger.errors, merger.flat\n"
+        "print(sorted(m for m in ('torch', 'ray', 'vllm', 'deepspeed') if m in sys.modules))"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout == "[]\n"
