@@ -1,0 +1,159 @@
+"""Benchmark: one LearnerRank step against a plain PyTorch REINFORCE step on the same model and batch.
+
+Both do the same work per step: anchor log-probs (no grad), policy forward/backward on the
+KL-shaped reward with the RLOO baseline, gradient clipping, AdamW on fp32 master weights of a bf16
+model, the EMA update of the anchor. The plain loop has no DeepSpeed, no process group, no
+non-finite checks. Steps alternate between the two so that load from other processes hits both
+alike. A third column, AdamW directly on bf16 weights (no fp32 master), is what a naive loop does:
+faster, but at lr 1e-6 most bf16 updates round away to nothing.
+
+    TORCH_EXTENSIONS_DIR=.cache/torch_extensions .venv/bin/python -m bench.learners --stages 0 1 2
+
+(as a module from the repository root: this file is named like the package it measures.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from actors.rollout import ROLLOUT_SCHEMA, to_tensors
+from learners.objective import advantages, kl_shaped_reward, reinforce_loss, sequence_logprobs
+from warp_rlhf.config import LearnersConfig
+from warp_rlhf.models import resolve_model
+
+
+def make_batch(prompts: int, samples: int, prompt_len: int, new_tokens: int, vocab: int, seed: int = 0) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    rows = [(g, rng.integers(10, vocab, prompt_len).tolist()) for g in range(prompts) for _ in range(samples)]
+    completions = [rng.integers(10, vocab, new_tokens).tolist() for _ in rows]
+    n = len(rows)
+    return pa.table(
+        {
+            "prompt": [""] * n,
+            "prompt_ids": [p for _, p in rows],
+            "completion": [""] * n,
+            "completion_ids": completions,
+            "logprobs": [[0.0] * new_tokens] * n,
+            "finish_reason": ["length"] * n,
+            "reward": rng.normal(size=n).astype(np.float32),
+            "group_id": [g for g, _ in rows],
+            "run": [0] * n,
+            "iteration": [1] * n,
+            "step": [0] * n,
+            "version": [0] * n,
+        },
+        schema=ROLLOUT_SCHEMA,
+    )
+
+
+class PlainStep:
+    """The same REINFORCE step in plain PyTorch: a bf16 model, fp32 master weights, torch AdamW."""
+
+    def __init__(self, model_dir, cfg: LearnersConfig, beta: float, mu: float, fp32_master: bool = True) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+        self.anchor = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+        self.anchor.requires_grad_(False)
+        self.ema = [p.detach().float() for p in self.anchor.parameters()]
+        params = list(self.model.parameters())
+        self.master = [p.detach().float().requires_grad_() for p in params] if fp32_master else params
+        kw = dict(lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay, fused=True)
+        self.optimizer = torch.optim.AdamW(self.master, **kw)
+        self.cfg, self.beta, self.mu, self.fp32_master = cfg, beta, mu, fp32_master
+
+    def step(self, table: pa.Table) -> None:
+        batch = to_tensors(table, 0)
+        inputs = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        reward = torch.from_numpy(table.column("reward").to_numpy())
+        group = torch.from_numpy(table.column("group_id").to_numpy().copy())
+        with torch.no_grad():
+            logp_anchor = sequence_logprobs(self.anchor, *inputs)
+        logp = sequence_logprobs(self.model, *inputs)
+        adv = advantages(kl_shaped_reward(reward, logp, logp_anchor, self.beta), group, self.cfg.baseline)
+        reinforce_loss(logp, adv).backward()
+        params = list(self.model.parameters())
+        torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        if self.fp32_master:
+            for m, p in zip(self.master, params, strict=True):
+                m.grad = p.grad.float()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            if self.fp32_master:
+                torch._foreach_copy_(params, self.master)
+            torch._foreach_lerp_(self.ema, [p.float() for p in params], self.mu)
+            torch._foreach_copy_(list(self.anchor.parameters()), self.ema)
+
+
+def timed(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    from learners.learner import LearnerRank
+
+    model_dir = resolve_model("smollm2-135m", dtype="bfloat16")
+    table = make_batch(args.prompts, args.samples, args.prompt_len, args.new_tokens, vocab=49152)
+    completion_tokens = args.prompts * args.samples * args.new_tokens
+    base_cfg = LearnersConfig(lr=1e-6, warmup_steps=0, micro_batch_size=args.micro_batch_size)
+    plain = PlainStep(model_dir, base_cfg, beta=0.1, mu=0.01)
+    naive = PlainStep(model_dir, base_cfg, beta=0.1, mu=0.01, fp32_master=False)
+    rows = []
+    for stage in args.stages:
+        cfg = LearnersConfig(zero_stage=stage, lr=1e-6, warmup_steps=0, micro_batch_size=args.micro_batch_size)
+        learner = LearnerRank(model_dir, cfg, beta=0.1, mu=0.01, dtype="bfloat16")
+        times: dict[str, list[float]] = {"learner": [], "plain": [], "naive": []}
+        for i in range(args.warmup + args.steps):
+            sample = {
+                "plain": timed(plain.step, table),
+                "learner": timed(learner.step, table),
+                "naive": timed(naive.step, table),
+            }
+            if i >= args.warmup:
+                for key, seconds in sample.items():
+                    times[key].append(seconds)
+        learner.shutdown()
+        med = {k: statistics.median(v) for k, v in times.items()}
+        row = {
+            "zero_stage": stage,
+            "learner_s": round(med["learner"], 3),
+            "plain_s": round(med["plain"], 3),
+            "ratio": round(med["learner"] / med["plain"], 3),
+            "naive_bf16_s": round(med["naive"], 3),
+            "learner_completion_tok_s": round(completion_tokens / med["learner"], 1),
+            "plain_completion_tok_s": round(completion_tokens / med["plain"], 1),
+        }
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--micro-batch-size", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    shape = f"{args.prompts}x{args.samples}, {args.prompt_len} prompt + {args.new_tokens} new tokens"
+    print(f"torch threads {torch.get_num_threads()}; batch {shape}; medians of {args.steps} steps", flush=True)
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

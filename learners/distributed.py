@@ -1,0 +1,113 @@
+"""DeepSpeed plumbing for one learner rank: the process group, the engine config, full-parameter access.
+
+Owns: joining the rank's torch.distributed group (gloo on CPU, nccl on GPU), the DeepSpeed config
+built from LearnersConfig, the Adam optimizer and its linear warm-up, and reading or writing *full*
+parameters whatever the ZeRO stage (ZeRO-3 partitions them; they are gathered one tensor at a time
+so no rank ever holds a second full copy of the model). Imports torch and deepspeed lazily; never
+Ray or vLLM.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from warp_rlhf.config import LearnersConfig
+
+log = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def init_process_group(rank: int, world_size: int, master_addr: str, master_port: int, backend: str) -> None:
+    """Join (or, in-process with world size 1, reuse) the default process group through DeepSpeed."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        # Several world-size-1 learners may live in one process (tests, benchmarks); they share it.
+        if dist.get_world_size() != world_size or dist.get_rank() != rank:
+            raise RuntimeError(
+                f"this process already belongs to a group of {dist.get_world_size()} ranks (rank "
+                f"{dist.get_rank()}); cannot also be rank {rank} of {world_size}"
+            )
+    else:
+        os.environ.update(
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port or free_port(master_addr)),
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"),
+        )
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+
+
+def deepspeed_config(cfg: LearnersConfig, dtype: str, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config: gradient accumulation is ours (explicit boundaries), so its GA count is 1."""
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": cfg.micro_batch_size * world_size,
+        "gradient_clipping": cfg.grad_clip,
+        "bf16": {"enabled": dtype == "bfloat16"},
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "steps_per_print": 2**31 - 1,  # we log our own metrics
+        "wall_clock_breakdown": False,
+    }
+
+
+def warmup_factor(warmup_steps: int):
+    """lr multiplier after s applied updates: (s+1)/W during the linear warm-up, then 1."""
+    return lambda s: 1.0 if warmup_steps == 0 else min(1.0, (s + 1) / warmup_steps)
+
+
+def make_optimizer(params, cfg: LearnersConfig) -> torch.optim.Optimizer:
+    """torch AdamW: ZeRO supports it, and it needs no DeepSpeed op compiled per process."""
+    import torch
+
+    kwargs = dict(lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay, eps=1e-8)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)  # one kernel over all tensors (CPU and CUDA)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, foreach=True, **kwargs)
+
+
+def make_schedule(optimizer, warmup_steps: int):
+    import torch
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor(warmup_steps))
+
+
+def zero3(module: torch.nn.Module) -> bool:
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def full_parameters(module: torch.nn.Module, modify: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, full parameter) pairs; under ZeRO-3 each is gathered only while the caller holds it.
+
+    With ``modify``, writes made on rank 0 while a pair is held are kept and re-partitioned.
+    Every rank must iterate to the end: the gathers are collectives.
+    """
+    import deepspeed
+
+    partitioned = zero3(module)
+    for name, param in module.named_parameters():
+        context = (
+            deepspeed.zero.GatheredParameters([param], modifier_rank=0 if modify else None)
+            if partitioned
+            else nullcontext()
+        )
+        with context:
+            yield name, param.data

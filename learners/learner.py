@@ -1,0 +1,383 @@
+"""LearnerRank: one DeepSpeed rank doing REINFORCE on the KL-shaped reward, with the run's EMA anchor.
+
+Owns one rank's step (log-probs under policy and anchor, shaped reward, baseline, loss, backward with
+our own gradient accumulation, Adam step, EMA update), non-finite protection, full-weight export in
+FlatWeights form, the reset to θ_init, and resume state. A plain class: it works in-process (world
+size 1) and LearnerGroup makes R of them Ray actors. Imports torch, deepspeed and transformers lazily;
+from ``actors`` only ``actors.rollout``; never Ray or vLLM.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from actors.rollout import to_tensors
+from learners.anchor import EmaAnchor
+from learners.batching import pack_micro_batches
+from learners.distributed import (
+    deepspeed_config,
+    full_parameters,
+    init_process_group,
+    make_optimizer,
+    make_schedule,
+    zero3,
+)
+from learners.objective import advantages, kl_shaped_reward, reinforce_loss, sequence_logprobs_and_entropy
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import torch
+
+    from merger.flat import FlatWeights
+    from warp_rlhf.config import LearnersConfig
+
+log = logging.getLogger(__name__)
+DS_TAG = "deepspeed"
+
+
+class LearnerRank:
+    """Rank ``rank`` of a ``world_size``-rank learner; with the defaults, a whole learner in this process."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        cfg: LearnersConfig,
+        *,
+        beta: float,
+        mu: float,
+        dtype: str = "bfloat16",
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        master_addr: str = "127.0.0.1",
+        master_port: int = 0,
+    ) -> None:
+        import deepspeed
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        if dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"dtype = {dtype!r}: must be bfloat16 or float32")
+        if beta < 0:
+            raise ValueError(f"beta = {beta!r}: must be >= 0")
+        self.cfg, self.beta, self.dtype = cfg, beta, dtype
+        self.rank, self.world_size = rank, world_size
+        gpu = cfg.num_gpus > 0
+        init_process_group(rank, world_size, master_addr, master_port, "nccl" if gpu else "gloo")
+        self.device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
+        torch.manual_seed(seed)  # the same on every rank: nothing here may differ between replicas
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+        self.pad_id = int(model.config.pad_token_id or 0)  # any id works: padding is masked out
+        anchor_device = torch.device("cpu") if cfg.anchor_on_cpu else self.device
+        self.anchor = EmaAnchor(copy.deepcopy(model), mu, anchor_device)
+        self.engine, *_ = deepspeed.initialize(
+            model=model.to(self.device),
+            optimizer=make_optimizer(model.parameters(), cfg),
+            lr_scheduler=lambda opt: make_schedule(opt, cfg.warmup_steps),
+            config=deepspeed_config(cfg, dtype, world_size),
+        )
+        # fp32 without ZeRO is the one DeepSpeed mode that applies non-finite gradients: we check it.
+        self._own_grad_check = dtype == "float32" and cfg.zero_stage == 0
+        self.steps = 0  # step() calls, skipped ones included: the driver's t
+        self.updates = 0  # optimizer updates applied since the last load_init
+        self.version = 0  # weights version: the loaded init's version plus applied updates
+
+    def ready(self) -> bool:
+        return True
+
+    # ------------------------------------------------------------------------------------------------
+    # One step
+
+    def step(self, rollouts: pa.Table) -> dict[str, Any]:
+        """One REINFORCE update on a scored rollout table (this rank's share of the global batch).
+
+        Metrics: reward, kl (mean log π − log π_ema), entropy (mean token entropy): means over this
+        rank's sequences; loss: this rank's share of the global loss (shares add up); tokens:
+        completion tokens here; grad_norm (global, before clipping), lr, step, sequences, seconds,
+        skipped (true when a non-finite reward, loss or gradient left the weights as they were).
+        """
+        import torch
+
+        start = time.perf_counter()
+        self._lr = float(self.engine.get_lr()[0])  # the rate this update uses (the schedule moves after it)
+        batch = self._tensors(rollouts)
+        micro, intact = pack_micro_batches(batch["group_id"].cpu().numpy(), self.cfg.micro_batch_size)
+        with torch.no_grad():
+            anchor_logp = torch.cat([self.anchor.sequence_logprobs(*self._inputs(batch, rows)) for rows in micro])
+        finite = bool(torch.isfinite(batch["reward"]).all() and torch.isfinite(anchor_logp).all())
+        num_seqs, num_micro, num_bad, num_cut = self._agree(
+            [len(rollouts), len(micro), int(not finite), int(not intact)]
+        )
+        if num_bad:
+            return self._skip(start, "a non-finite reward or anchor log-probability", len(rollouts))
+        # Every rank takes the same path: under ZeRO-3 even a no-grad forward gathers parameters collectively.
+        prepass = num_cut > 0 or self.cfg.baseline == "mean"
+        adv = self._batch_advantages(batch, micro, anchor_logp) if prepass else None
+        sums = self._accumulate(batch, micro, num_micro, anchor_logp, adv, num_seqs)
+        applied, grad_norm = self._apply(loss_finite=math.isfinite(sums["loss"]))
+        if not applied:
+            return self._skip(start, "a non-finite loss or gradient", len(rollouts), grad_norm)
+        self.anchor.update(full_parameters(self.engine.module))
+        self.updates += 1
+        self.version += 1
+        self.steps += 1
+        n = len(rollouts)
+        means = {k: sums[k] / n for k in ("reward", "kl", "entropy")}
+        return self._metrics(start, n, False, grad_norm, loss=sums["loss"], tokens=sums["tokens"], **means)
+
+    def _tensors(self, rollouts: pa.Table) -> dict[str, torch.Tensor]:
+        import torch
+
+        if rollouts.column("reward").null_count:
+            raise ValueError("rollouts have unscored rows (null reward); score them before the learner step")
+        batch = to_tensors(rollouts, self.pad_id)
+        batch["reward"] = torch.from_numpy(rollouts.column("reward").to_numpy().astype(np.float32))
+        batch["group_id"] = torch.from_numpy(rollouts.column("group_id").to_numpy().copy())
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    @staticmethod
+    def _inputs(batch: dict[str, torch.Tensor], rows: np.ndarray) -> tuple[torch.Tensor, ...]:
+        index = torch_index(rows, batch["input_ids"].device)
+        lengths = batch["attention_mask"][index].sum(-1)
+        width = int(lengths.max())  # trim the padding the rest of the batch needed
+        return tuple(batch[k][index, :width] for k in ("input_ids", "attention_mask", "completion_mask"))
+
+    def _batch_advantages(self, batch, micro, anchor_logp) -> torch.Tensor:
+        """Advantages over the whole batch from a no-grad policy pass (batch-mean baseline, or split groups)."""
+        import torch
+
+        with torch.no_grad():
+            logp = torch.cat([sequence_logprobs_and_entropy(self.engine, *self._inputs(batch, r))[0] for r in micro])
+        rows = torch_index(np.concatenate(micro), logp.device)
+        r_beta = kl_shaped_reward(batch["reward"][rows], logp, anchor_logp, self.beta)  # (B,) in micro order
+        if self.cfg.baseline == "mean":
+            total, count = self._agree_sum([float(r_beta.sum()), float(len(r_beta))])
+            adv_in_order = r_beta - total / count
+        else:
+            adv_in_order = advantages(r_beta, batch["group_id"][rows], self.cfg.baseline)
+        adv = torch.empty_like(adv_in_order)
+        adv[rows] = adv_in_order
+        return adv
+
+    def _accumulate(self, batch, micro, num_micro, anchor_logp, adv, num_seqs) -> dict[str, float]:
+        """Forward/backward every micro-batch; all ranks run ``num_micro`` of them (extra ones weigh 0)."""
+        import torch
+
+        sums = dict.fromkeys(("reward", "kl", "entropy", "loss"), 0.0) | {"tokens": 0.0}
+        offset = 0
+        for i in range(num_micro):
+            dummy = i >= len(micro)  # keeps ZeRO's per-backward collectives in step across ranks
+            rows = micro[0][:1] if dummy else micro[i]
+            ids, attention, completion = self._inputs(batch, rows)
+            self.engine.set_gradient_accumulation_boundary(i == num_micro - 1)
+            logp, entropy = sequence_logprobs_and_entropy(self.engine, ids, attention, completion)  # (b,), (b,)
+            index = torch_index(rows, logp.device)
+            if dummy:
+                logp_anchor, adv_mb = logp.detach(), torch.zeros_like(logp)
+            else:
+                logp_anchor = anchor_logp[offset : offset + len(rows)]  # anchor_logp is in micro-batch order
+                r_beta = kl_shaped_reward(batch["reward"][index], logp, logp_anchor, self.beta)  # (b,)
+                adv_mb = advantages(r_beta, batch["group_id"][index], self.cfg.baseline) if adv is None else adv[index]
+            loss = reinforce_loss(logp, adv_mb, num_seqs)
+            # DeepSpeed averages gradients over ranks; the loss is already a global mean, so undo that.
+            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+            if dummy:
+                continue
+            offset += len(rows)
+            sums["loss"] += float(loss.detach())
+            sums["reward"] += float(batch["reward"][index].sum())
+            sums["kl"] += float((logp.detach() - logp_anchor).sum())
+            sums["entropy"] += float(entropy.sum())
+            sums["tokens"] += float(completion.sum())
+        return sums
+
+    def _apply(self, loss_finite: bool) -> tuple[bool, float]:
+        """Clip and step unless the loss or the gradient is non-finite on any rank; (applied, grad norm)."""
+        import torch
+
+        if self._own_grad_check:
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            grad_norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
+            (num_bad,) = self._agree_sum([float(not (loss_finite and math.isfinite(grad_norm)))])
+            if num_bad:
+                self.engine.zero_grad()
+                return False, grad_norm
+            self.engine.step()
+            return True, grad_norm
+        self.engine.step()  # DeepSpeed's bf16 and ZeRO optimizers skip (and clear) non-finite gradients
+        norm = self.engine.get_global_grad_norm()
+        grad_norm = float(norm) if norm is not None else float("nan")
+        applied = self.engine.was_step_applied()
+        (num_bad,) = self._agree_sum([float(not loss_finite)])
+        if applied and num_bad:
+            raise RuntimeError("DeepSpeed applied an update from a non-finite loss; the weights are corrupt")
+        return applied, grad_norm
+
+    def _skip(self, start: float, why: str, n: int, grad_norm: float = float("nan")) -> dict[str, Any]:
+        log.warning("learner rank %d: step %d skipped: %s; weights unchanged", self.rank, self.steps, why)
+        self.steps += 1
+        nan = float("nan")
+        return self._metrics(start, n, True, grad_norm, reward=nan, kl=nan, entropy=nan, loss=nan, tokens=0.0)
+
+    def _metrics(self, start: float, n: int, skipped: bool, grad_norm: float, **values: float) -> dict[str, Any]:
+        return dict(values, grad_norm=grad_norm, sequences=n, skipped=skipped, lr=self._lr, step=self.steps,
+                    seconds=time.perf_counter() - start)  # fmt: skip
+
+    def _agree(self, values: list[int]) -> tuple[int, int, int, int]:
+        """(Σ rows, max micro-batches, Σ non-finite flags, Σ cut-group flags) over ranks: one small collective."""
+        import torch
+        import torch.distributed as dist
+
+        local = torch.tensor(values, dtype=torch.int64, device=self.device)
+        if self.world_size == 1:
+            return tuple(int(v) for v in local)
+        gathered = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(gathered, local)
+        table = torch.stack(gathered)  # (R, 4)
+        return int(table[:, 0].sum()), int(table[:, 1].max()), int(table[:, 2].sum()), int(table[:, 3].sum())
+
+    def _agree_sum(self, values: list[float]) -> list[float]:
+        import torch
+        import torch.distributed as dist
+
+        local = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(local)
+        return [float(v) for v in local]
+
+    # ------------------------------------------------------------------------------------------------
+    # Weights in and out
+
+    def weights(self, version: int | None = None) -> FlatWeights | None:
+        """Full policy weights in model dtype with HF names (tied lm_head left out), on rank 0; None elsewhere.
+
+        Every rank must call it: under ZeRO-3 the parameters are gathered one tensor at a time.
+        """
+        from merger.flat import flatten
+
+        copy_out = zero3(self.engine.module) or self.device.type != "cpu"  # gathered/GPU tensors do not outlive
+        pairs = full_parameters(self.engine.module)
+        if self.rank != 0:
+            for _ in pairs:
+                pass
+            return None
+        named = ((name, t.detach().to("cpu", copy=True) if copy_out else t.detach()) for name, t in pairs)
+        return flatten(named, version=self.version if version is None else version)
+
+    def load_init(self, weights: FlatWeights) -> None:
+        """θ ← θ_init and θ_ema ← θ_init; Adam moments and the warm-up restart, as a fresh run would.
+
+        Restarting the warm-up follows the paper: every run of every iteration starts from θ_init with
+        a fresh optimizer, and a run without warm-up would take its first steps at full lr with empty
+        moments.
+        """
+        state = weights.state_dict()
+        names = {name for name, _ in self.engine.module.named_parameters()}
+        if set(state) != names:
+            missing, extra = sorted(names - set(state)), sorted(set(state) - names)
+            raise KeyError(f"load_init: weights do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+        import torch
+
+        with torch.no_grad():
+            for name, param in full_parameters(self.engine.module, modify=True):
+                param.copy_(state[name])
+        if hasattr(self.engine.optimizer, "refresh_fp32_params"):
+            self.engine.optimizer.refresh_fp32_params()  # the fp32 master copy follows the new weights
+        self._reset_optimizer()
+        self.anchor.reset(state.items())
+        self.updates = 0
+        self.version = weights.version
+
+    def _reset_optimizer(self) -> None:
+        import torch
+
+        for moments in self.engine.basic_optimizer.state.values():
+            for value in moments.values():
+                if torch.is_tensor(value):
+                    value.zero_()  # in place: ZeRO keeps references to these tensors
+        schedule = self.engine.lr_scheduler
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": intended here
+            schedule.last_epoch = -1
+            schedule.step()
+
+    # ------------------------------------------------------------------------------------------------
+    # Resume
+
+    def save_state(self, directory: str | Path) -> None:
+        """Everything resume needs: DeepSpeed checkpoint (weights, Adam, schedule), anchor, RNG, counters.
+
+        Every rank must call it with the same directory; the caller renames a finished directory into place.
+        """
+        import torch
+        from safetensors.torch import save_file
+
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        self.engine.save_checkpoint(str(path), tag=DS_TAG, save_latest=False)
+        torch.save(rng_state(), path / f"rng-rank{self.rank}.pt")
+        if self.rank == 0:
+            save_file(self.anchor.state_dict(), str(path / "anchor.safetensors"))
+            counters = {"steps": self.steps, "updates": self.updates, "version": self.version,
+                        "anchor_updates": self.anchor.updates}  # fmt: skip
+            (path / "learner.json").write_text(json.dumps(counters))
+        self._barrier()
+
+    def load_state(self, directory: str | Path) -> None:
+        """Continue exactly where save_state left off (same ranks, same ZeRO stage)."""
+        import torch
+        from safetensors.torch import load_file
+
+        path = Path(directory)
+        counters = json.loads((path / "learner.json").read_text())
+        load_path, _ = self.engine.load_checkpoint(
+            str(path), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if load_path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {str(path)!r}")
+        self.anchor.load_state_dict(load_file(str(path / "anchor.safetensors")), counters["anchor_updates"])
+        set_rng_state(torch.load(path / f"rng-rank{self.rank}.pt", weights_only=True))
+        self.steps, self.updates, self.version = counters["steps"], counters["updates"], counters["version"]
+
+    def _barrier(self) -> None:
+        import torch.distributed as dist
+
+        if self.world_size > 1:
+            dist.barrier()
+
+    def shutdown(self) -> None:
+        """Release the engine; the process group stays (it belongs to the process, and may be shared)."""
+        self.engine.destroy()
+
+
+def torch_index(rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    import torch
+
+    return torch.as_tensor(rows, dtype=torch.int64, device=device)
+
+
+def rng_state() -> dict[str, Any]:
+    import torch
+
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

@@ -1,0 +1,107 @@
+"""The REINFORCE objective on the KL-shaped reward, as small pure functions on tensors.
+
+Owns: sequence log-probabilities under teacher forcing, the shaped reward r − β(log π − log π_ema),
+the baselines (rloo, mean, none) and the loss. Imports torch only; never DeepSpeed, Ray or vLLM, so
+every function here is testable on a toy module in-process.
+
+The KL term always uses log-probabilities the learner computes itself for both the policy and its
+EMA anchor; the sampler's logprobs differ numerically (other kernels, other dtype) and are never used.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Baseline = Literal["rloo", "mean", "none"]
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log p of each target token and the entropy of its distribution, in fp32 even for bf16 models.
+
+    logits (N, V), targets (N,) → (logp (N,), entropy (N,)); entropy is detached (a metric, never a loss).
+    """
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
+    logp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N,)
+    with torch.no_grad():
+        entropy = -(logprobs.exp() * logprobs).sum(-1)  # (N,)
+    return logp, entropy
+
+
+def sequence_logprobs_and_entropy(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,  # (B, L) prompt + completion, right-padded
+    attention_mask: torch.Tensor,  # (B, L) 1 on real tokens
+    completion_mask: torch.Tensor,  # (B, L) true on completion tokens
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log π(y|x) summed over completion tokens (B,), mean token entropy over the completion (B,)).
+
+    Teacher forcing: the logits at position t-1 score the token at t. Only completion positions go
+    through the log-softmax: prompt and padding positions would be vocabulary-wide work thrown away.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (B, L, V)
+    scored = completion_mask[:, 1:].bool()  # (B, L-1): a completion token is never at position 0
+    rows = torch.nonzero(scored, as_tuple=True)[0]  # (N,) which sequence each scored token belongs to
+    logp, entropy = token_logprobs(logits[:, :-1][scored], input_ids[:, 1:][scored])  # (N,), (N,)
+    batch = input_ids.shape[0]
+    seq_logp = torch.zeros(batch, dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)  # (B,)
+    lengths = scored.sum(-1).clamp(min=1).to(logp.dtype)  # (B,)
+    entropy_sum = torch.zeros(batch, dtype=logp.dtype, device=logp.device).index_add(0, rows, entropy)  # (B,)
+    return seq_logp, entropy_sum / lengths
+
+
+def sequence_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,  # (B, L)
+    attention_mask: torch.Tensor,  # (B, L)
+    completion_mask: torch.Tensor,  # (B, L)
+) -> torch.Tensor:
+    """log π(y|x) = Σ_t log π(y_t | x, y_<t) over completion tokens, under teacher forcing. (B,)"""
+    return sequence_logprobs_and_entropy(model, input_ids, attention_mask, completion_mask)[0]
+
+
+def kl_shaped_reward(
+    reward: torch.Tensor,  # (B,) r(x, y)
+    logp: torch.Tensor,  # (B,) log π_θ(y|x)
+    logp_anchor: torch.Tensor,  # (B,) log π_ema(y|x)
+    beta: float,
+) -> torch.Tensor:
+    """r_β = r − β (log π − log π_ema) per sequence (B,); both log-probs are detached (it is a reward)."""
+    return reward - beta * (logp.detach() - logp_anchor.detach())
+
+
+def advantages(r_beta: torch.Tensor, group_ids: torch.Tensor, baseline: Baseline = "rloo") -> torch.Tensor:
+    """r_β minus a baseline (B,).
+
+    rloo: the mean r_β of the other samples of the same prompt (leave-one-out); every group needs at
+    least two samples. mean: the batch mean. none: r_β itself.
+    """
+    r_beta = r_beta.detach()
+    if baseline == "none":
+        return r_beta
+    if baseline == "mean":
+        return r_beta - r_beta.mean()
+    if baseline != "rloo":
+        raise ValueError(f"baseline = {baseline!r}: must be rloo, mean or none")
+    _, index, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)  # (B,), (G,)
+    if bool((counts < 2).any()):
+        lonely = torch.unique(group_ids)[counts < 2].tolist()
+        raise ValueError(
+            f"baseline rloo needs at least 2 samples per prompt; group_id(s) {lonely[:5]} have 1 "
+            "(raise actors.samples_per_prompt or use learners.baseline = mean)"
+        )
+    sums = torch.zeros(len(counts), dtype=r_beta.dtype, device=r_beta.device).index_add_(0, index, r_beta)  # (G,)
+    n = counts[index].to(r_beta.dtype)  # (B,)
+    leave_one_out = (sums[index] - r_beta) / (n - 1)  # (B,)
+    return r_beta - leave_one_out
+
+
+def reinforce_loss(logp: torch.Tensor, adv: torch.Tensor, num_sequences: int | None = None) -> torch.Tensor:
+    """−Σ A·log π / N: the REINFORCE surrogate, normalised by the number of sequences N.
+
+    logp (B,) carries the gradient, adv (B,) is a constant. N defaults to B; a micro-batch of a larger
+    batch passes the whole batch's N so that accumulated gradients equal the full batch's.
+    """
+    n = logp.shape[0] if num_sequences is None else num_sequences
+    return -(adv.detach() * logp).sum() / n

@@ -1,0 +1,123 @@
+"""LearnerRank in-process (world size 1) on the tiny model: ZeRO 0 and 2 here, ZeRO 3 under `slow`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from tests.learners.conftest import make_rollouts
+from warp_rlhf.config import LearnersConfig
+
+CONFIGS = [
+    pytest.param((0, "float32"), id="zero0-fp32"),
+    pytest.param((2, "bfloat16"), id="zero2-bf16"),
+    pytest.param((3, "float32"), id="zero3-fp32", marks=pytest.mark.slow),
+]
+
+
+@pytest.fixture(scope="module", params=CONFIGS)
+def learner(request, tiny_model_dir):
+    from learners.learner import LearnerRank
+
+    stage, dtype = request.param
+    cfg = LearnersConfig(zero_stage=stage, lr=1e-3, warmup_steps=2, micro_batch_size=8, grad_clip=1.0)
+    rank = LearnerRank(tiny_model_dir, cfg, beta=0.1, mu=0.5, dtype=dtype, seed=0)
+    rank.init = rank.weights()  # θ_init, restored by every test through load_init
+    yield rank
+    rank.shutdown()
+
+
+def flat_equal(a, b) -> bool:
+    return a.names() == b.names() and np.array_equal(a.buffer, b.buffer)
+
+
+def max_diff(a, b) -> float:
+    return max(
+        float((x.float() - y.float()).abs().max()) for (_, x), (_, y) in zip(a.tensors(), b.tensors(), strict=True)
+    )
+
+
+def test_weights_are_full_hf_named_in_model_dtype(learner, tiny_model_dir):
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_model_dir / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    w = learner.init
+    assert set(w.names()) == names and "lm_head.weight" not in names  # tied lm_head left out
+    expected = torch.float32 if learner.dtype == "float32" else torch.bfloat16
+    assert {t.dtype for _, t in w.tensors()} == {expected}
+    assert dict(w.tensors())["model.embed_tokens.weight"].shape == (512, 128)
+
+
+def test_step_updates_weights_and_anchor_and_reports_metrics(learner, rollouts):
+    learner.load_init(learner.init)
+    first = learner.step(rollouts)
+    assert not first["skipped"] and first["kl"] == 0.0  # the anchor starts at the policy
+    assert first["sequences"] == 16 and first["tokens"] == sum(len(c) for c in rollouts["completion_ids"].to_pylist())
+    assert first["lr"] == pytest.approx(1e-3 / 2)  # first step of a 2-step linear warm-up
+    assert np.isfinite([first[k] for k in ("loss", "entropy", "grad_norm", "seconds", "reward")]).all()
+    after = learner.weights()
+    assert not flat_equal(after, learner.init) and after.version == learner.init.version + 1
+    second = learner.step(rollouts)
+    assert second["kl"] != 0.0  # the anchor lags the policy by the EMA
+    assert second["lr"] == pytest.approx(1e-3)
+
+
+def test_nan_reward_leaves_weights_untouched_and_is_reported(learner, rollouts, caplog):
+    learner.load_init(learner.init)
+    learner.step(rollouts)
+    before = learner.weights()
+    anchor_before = learner.anchor.state_dict()
+    poisoned = make_rollouts(rewards=[np.nan] + [0.5] * 15)
+    with caplog.at_level("WARNING", logger="learners.learner"):
+        metrics = learner.step(poisoned)
+    assert metrics["skipped"] and "skipped" in caplog.text
+    assert flat_equal(learner.weights(), before)
+    assert all(torch.equal(anchor_before[k], v) for k, v in learner.anchor.state_dict().items())
+    assert not learner.step(rollouts)["skipped"]  # and the learner carries on
+
+
+def test_load_init_resets_policy_anchor_and_optimizer(learner, rollouts):
+    learner.load_init(learner.init)
+    learner.step(rollouts)
+    first = learner.weights()
+    learner.step(make_rollouts(seed=1))
+    learner.load_init(learner.init)
+    assert flat_equal(learner.weights(), learner.init)
+    assert learner.step(rollouts)["kl"] == 0.0
+    # Same weights as the first run's first step: Adam moments, warm-up and anchor were all reset.
+    assert max_diff(learner.weights(), first) == 0.0
+
+
+def test_save_state_then_load_state_continues_like_an_uninterrupted_run(learner, rollouts, tmp_path):
+    batches = [make_rollouts(seed=s) for s in (1, 2)]
+    learner.load_init(learner.init)
+    learner.step(rollouts)
+    learner.save_state(tmp_path / "state")
+    for b in batches:
+        learner.step(b)
+    uninterrupted, steps = learner.weights(), learner.steps
+    learner.load_init(learner.init)  # wipe everything, then resume
+    learner.load_state(tmp_path / "state")
+    for b in batches:
+        learner.step(b)
+    assert learner.steps == steps
+    assert max_diff(learner.weights(), uninterrupted) <= 1e-6
+
+
+def test_micro_batching_and_prepass_match_one_big_micro_batch(learner, rollouts):
+    learner.load_init(learner.init)
+    learner.step(rollouts)  # micro-batches of 8 = two whole groups each
+    reference = learner.weights()
+    original = learner.cfg
+    try:
+        learner.cfg = dataclasses.replace(original, micro_batch_size=3)  # groups of 4 are cut: pre-pass
+        learner.load_init(learner.init)
+        learner.step(rollouts)
+    finally:
+        learner.cfg = original
+    tolerance = 1e-5 if learner.dtype == "float32" else 1e-2
+    assert max_diff(learner.weights(), reference) <= tolerance

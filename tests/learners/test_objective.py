@@ -1,0 +1,182 @@
+"""The pure maths: log-probs, shaped reward, baselines, loss gradient, EMA, batch layout. No DeepSpeed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from learners.anchor import EmaAnchor, ema_update_
+from learners.batching import pack_micro_batches, split_groups
+from learners.objective import (
+    advantages,
+    kl_shaped_reward,
+    reinforce_loss,
+    sequence_logprobs,
+    sequence_logprobs_and_entropy,
+)
+from warp_rlhf.config import ConfigError, LearnersConfig
+
+
+class Bigram(torch.nn.Module):
+    """logits[b, t] = W[input_ids[b, t]]: a policy whose REINFORCE gradient can be written by hand."""
+
+    def __init__(self, vocab: int = 6, seed: int = 0) -> None:
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(seed)))
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        return SimpleNamespace(logits=self.table[input_ids])
+
+
+def toy_batch():
+    # Two prompts × two samples; row 3 is right-padded. Prompt tokens (mask false) are never scored.
+    input_ids = torch.tensor([[1, 2, 3, 4], [1, 2, 5, 5], [0, 3, 1, 2], [0, 3, 2, 0]])
+    attention = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 0]])
+    completion = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [0, 1, 1, 1], [0, 1, 1, 0]], dtype=torch.bool)
+    return input_ids, attention, completion
+
+
+def test_sequence_logprobs_sum_teacher_forced_completion_tokens():
+    model = Bigram()
+    ids, attention, completion = toy_batch()
+    logp = sequence_logprobs(model, ids, attention, completion)
+    table = torch.log_softmax(model.table.detach(), -1)
+    expected = [sum(float(table[ids[b, t - 1], ids[b, t]]) for t in range(1, 4) if completion[b, t]) for b in range(4)]
+    torch.testing.assert_close(logp.detach(), torch.tensor(expected))
+
+
+def test_entropy_is_mean_token_entropy_of_the_completion():
+    model = Bigram()
+    ids, attention, completion = toy_batch()
+    _, entropy = sequence_logprobs_and_entropy(model, ids, attention, completion)
+    p = torch.softmax(model.table.detach(), -1)
+    h = -(p * p.log()).sum(-1)  # entropy of each row of the table
+    expected = [np.mean([float(h[ids[b, t - 1]]) for t in range(1, 4) if completion[b, t]]) for b in range(4)]
+    torch.testing.assert_close(entropy, torch.tensor(expected, dtype=torch.float32))
+
+
+def test_loss_gradient_equals_hand_computed_reinforce_gradient():
+    model = Bigram()
+    ids, attention, completion = toy_batch()
+    reward = torch.tensor([1.0, -0.5, 2.0, 0.25])
+    group = torch.tensor([7, 7, 9, 9])
+    logp = sequence_logprobs(model, ids, attention, completion)
+    adv = advantages(kl_shaped_reward(reward, logp, logp, beta=0.1), group, "rloo")
+    reinforce_loss(logp, adv).backward()
+
+    # ∂ log softmax(W[a])[b] / ∂ W[a] = onehot(b) − softmax(W[a]); loss = −(1/N) Σ_i A_i log π(y_i).
+    p = torch.softmax(model.table.detach(), -1)
+    expected = torch.zeros_like(p)
+    for b in range(4):
+        for t in range(1, 4):
+            if completion[b, t]:
+                prev, tok = ids[b, t - 1], ids[b, t]
+                expected[prev] -= float(adv[b]) / 4 * (torch.nn.functional.one_hot(tok, 6) - p[prev])
+    torch.testing.assert_close(model.table.grad, expected)
+    torch.testing.assert_close(adv, torch.tensor([1.5, -1.5, 1.75, -1.75]))
+
+
+def test_kl_term_is_zero_when_policy_equals_anchor():
+    model = Bigram()
+    logp = sequence_logprobs(model, *toy_batch())
+    anchor = EmaAnchor(Bigram(), mu=0.01)
+    anchor_logp = anchor.sequence_logprobs(*toy_batch())
+    reward = torch.tensor([0.3, 0.1, -0.2, 0.0])
+    torch.testing.assert_close(kl_shaped_reward(reward, logp, anchor_logp, beta=0.5), reward)
+    shifted = kl_shaped_reward(reward, logp + 1.0, anchor_logp, beta=0.5)  # log π − log π_ema = 1
+    torch.testing.assert_close(shifted, reward - 0.5)
+    assert not shifted.requires_grad
+
+
+def test_baselines():
+    r = torch.tensor([1.0, 2.0, 3.0, 10.0, 20.0])
+    g = torch.tensor([0, 0, 0, 5, 5])
+    torch.testing.assert_close(advantages(r, g, "rloo"), torch.tensor([-1.5, 0.0, 1.5, -10.0, 10.0]))
+    torch.testing.assert_close(advantages(r, g, "mean"), r - 7.2)
+    torch.testing.assert_close(advantages(r, g, "none"), r)
+    with pytest.raises(ValueError, match="baseline"):
+        advantages(r, g, "median")
+
+
+def test_rloo_with_one_sample_per_prompt_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"rloo needs at least 2 samples per prompt; group_id\(s\) \[3\]"):
+        advantages(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1, 1, 3]), "rloo")
+
+
+def test_reinforce_loss_is_normalised_by_sequences():
+    logp = torch.tensor([-1.0, -2.0, -3.0, -4.0])
+    adv = torch.tensor([1.0, 1.0, -1.0, 0.0])
+    assert float(reinforce_loss(logp, adv)) == pytest.approx(-(-1 - 2 + 3) / 4)
+    halves = reinforce_loss(logp[:2], adv[:2], 4) + reinforce_loss(logp[2:], adv[2:], 4)
+    assert float(halves) == pytest.approx(float(reinforce_loss(logp, adv)))
+
+
+def test_ema_matches_closed_form_after_t_steps():
+    mu, steps = 0.3, 5
+    module = torch.nn.Linear(3, 2)
+    theta0 = {k: v.detach().clone() for k, v in module.named_parameters()}
+    anchor = EmaAnchor(module, mu=mu)
+    thetas = [{k: torch.randn_like(v) for k, v in theta0.items()} for _ in range(steps)]
+    for theta in thetas:
+        anchor.update(theta.items())
+    for name, start in theta0.items():
+        closed = (1 - mu) ** steps * start + sum(
+            mu * (1 - mu) ** (steps - s) * thetas[s - 1][name] for s in range(1, 6)
+        )
+        torch.testing.assert_close(anchor.ema[name], closed)
+        torch.testing.assert_close(dict(anchor.module.named_parameters())[name].detach(), closed)
+    assert anchor.updates == steps
+    anchor.reset(theta0.items())
+    torch.testing.assert_close(anchor.ema["weight"], theta0["weight"])
+
+
+def test_bf16_anchor_accumulates_in_fp32():
+    module = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    anchor = EmaAnchor(module, mu=0.01)
+    target = {k: v.detach().float() + 1e-4 for k, v in anchor.module.named_parameters()}
+    for _ in range(10):
+        anchor.update(target.items())
+    drift = anchor.ema["weight"] - (target["weight"] - 1e-4)  # a bf16 EMA would not move at all
+    torch.testing.assert_close(drift, torch.full_like(drift, 1e-4 * (1 - 0.99**10)), rtol=0, atol=1e-7)
+    ema = torch.zeros(2)
+    ema_update_(ema, torch.ones(2, dtype=torch.bfloat16), 0.25)
+    torch.testing.assert_close(ema, torch.full((2,), 0.25))
+
+
+def test_split_groups_keeps_prompts_whole_and_balances_rows():
+    gids = np.repeat([5, 1, 9, 3, 7], [4, 4, 2, 4, 2])
+    parts = split_groups(gids, 2)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(len(gids)))
+    assert not set(gids[parts[0]]) & set(gids[parts[1]])
+    assert abs(len(parts[0]) - len(parts[1])) <= 4
+    assert [len(p) for p in split_groups(np.repeat([0, 1, 2], 2), 3)] == [2, 2, 2]
+    with pytest.raises(ValueError, match="2 prompt groups cannot be split over 3"):
+        split_groups(np.array([0, 0, 1]), 3)
+
+
+def test_pack_micro_batches():
+    gids = np.repeat([0, 1, 2], 4)
+    batches, intact = pack_micro_batches(gids, 8)
+    assert intact and [len(b) for b in batches] == [8, 4]
+    batches, intact = pack_micro_batches(gids, 3)
+    assert not intact and max(len(b) for b in batches) <= 3
+    assert sorted(np.concatenate(batches).tolist()) == list(range(12))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"), [("zero_stage", 4, "learners.zero_stage = 4"), ("lr", -1e-6, "learners.lr")]
+)
+def test_bad_config_is_a_clear_error(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        LearnersConfig(**{key: value})
+
+
+def test_importing_learners_is_light():
+    code = "import sys, learners; print(sorted(m for m in ('torch', 'deepspeed', 'ray', 'vllm') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
