@@ -80,6 +80,10 @@ class ActorsConfig(_Section):
     """How learner weights reach the engines after every step."""
     multiprocessing: bool = False
     """Run vLLM's engine core in its own process (production shape) instead of in the actor's process."""
+    bucket_mb: int = 256
+    """Slice size in MiB of collective weight broadcasts (weight_transport = collective)."""
+    logprobs: Literal["raw", "processed"] = "raw"
+    """Rollout logprobs: raw = log-softmax of the model's logits (π_θ at T=1); processed = after temperature/top-k."""
 
     def __post_init__(self) -> None:
         k = self._key
@@ -110,6 +114,8 @@ class ActorsConfig(_Section):
             self.weight_transport,
             "object_store or collective",
         )
+        _require(self.bucket_mb >= 1, k("bucket_mb"), self.bucket_mb, ">= 1")
+        _require(self.logprobs in ("raw", "processed"), k("logprobs"), self.logprobs, "raw or processed")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,176 @@
+"""ActorPool: K GenerationEngines as Ray actors serving one learner.
+
+The pool makes the plain :class:`~actors.engine.GenerationEngine` remote with resources from config
+(``ray.remote(num_cpus=..., num_gpus=...)``, never a decorator), splits prompts across engines in
+contiguous shards, and returns one table in prompt order. Weights reach the engines through the
+transport chosen in config (:mod:`actors.transport`). A dead engine is replaced by a fresh one that
+gets the latest weights before its shard is retried once; a second failure is a :class:`PoolError`.
+
+Imports ray, pyarrow and numpy; vllm only inside the engine actors; never deepspeed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from actors.engine import GenerationEngine, prompt_texts
+from actors.transport import WeightTransport, make_transport
+
+if TYPE_CHECKING:
+    from warp_rlhf.config import ActorsConfig
+
+log = logging.getLogger(__name__)
+
+
+class PoolError(RuntimeError):
+    """An engine failed again after being replaced, or a weight sync could not be completed."""
+
+
+class ActorPool:
+    """``ActorPool(model_dir, cfg, dtype, seed)``: ``cfg.engines_per_run`` engines; engine i is seeded ``seed + i``."""
+
+    def __init__(self, model_dir: str | Path, cfg: ActorsConfig, dtype: str = "bfloat16", seed: int = 0) -> None:
+        import ray
+
+        self.model_dir, self.cfg, self.dtype, self.seed = str(model_dir), cfg, dtype, seed
+        self._remote = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_restarts=0)(GenerationEngine)
+        self._restarts = 0
+        self.engines = [self._start(i) for i in range(cfg.engines_per_run)]
+        ray.get([engine.ping.remote() for engine in self.engines])
+        self.transport: WeightTransport = make_transport(cfg.weight_transport, cfg.num_gpus, cfg.bucket_mb << 20)
+        self.transport.connect(self.engines)
+        self.version = 0
+        self._latest: Any = None  # ObjectRef to the latest FlatWeights, for replacement engines
+        self._group_stale = False
+
+    def _start(self, index: int) -> Any:
+        # A replacement gets a seed no engine of this pool used, so it does not replay a random stream.
+        seed = self.seed + index + 1000 * self._restarts
+        return self._remote.remote(self.model_dir, self.cfg, self.dtype, seed)
+
+    # ---------------------------------------------------------------------------------------------
+    # Generation
+
+    def generate(self, prompts: Sequence[str] | pa.Table, n: int | None = None, **kwargs: Any) -> pa.Table:
+        """Rollouts in prompt order, ``group_id`` = prompt index; ``kwargs`` as in GenerationEngine.generate."""
+        import ray
+
+        texts = prompt_texts(prompts, kwargs.pop("prompt_column", "prompt"))
+        bounds = np.linspace(0, len(texts), min(len(self.engines), len(texts)) + 1).astype(int)
+        shards = [(i, int(lo), texts[lo:hi]) for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))]
+        refs = {i: self.engines[i].generate.remote(shard, n, group_offset=lo, **kwargs) for i, lo, shard in shards}
+        tables = []
+        for i, lo, shard in shards:
+            try:
+                tables.append(ray.get(refs[i]))
+            except ray.exceptions.RayActorError as exc:
+                log.warning("engine %d died during generate (%s); replacing it and retrying its shard", i, exc)
+                self._replace(i)
+                try:
+                    tables.append(ray.get(self.engines[i].generate.remote(shard, n, group_offset=lo, **kwargs)))
+                except ray.exceptions.RayActorError as again:
+                    raise PoolError(f"engine {i} died again after replacement: {again}") from again
+        return pa.concat_tables(tables)
+
+    def _replace(self, index: int) -> None:
+        """Start a new engine in slot ``index`` and bring it to the pool's latest weights version."""
+        import ray
+
+        self._restarts += 1
+        ray.kill(self.engines[index], no_restart=True)
+        self.engines[index] = self._start(index)
+        try:
+            if self._latest is not None:
+                ray.get(self.engines[index].load_weights.remote(self._latest, self.version))
+            else:
+                ray.get(self.engines[index].ping.remote())
+        except ray.exceptions.RayActorError as exc:
+            raise PoolError(f"replacement engine {index} failed to start: {exc}") from exc
+        self._group_stale = True  # a collective group no longer has this engine's worker in it
+
+    # ---------------------------------------------------------------------------------------------
+    # Weights
+
+    def sync(self, weights: Any, version: int) -> None:
+        """Load ``weights`` (a FlatWeights, or an ObjectRef to one: put once by the caller) on every engine."""
+        if self._group_stale:
+            self.transport.connect(self.engines)
+            self._group_stale = False
+        # Kept for replacement engines (a FlatWeights is put only if one is needed).
+        self._latest, self.version = weights, int(version)
+        try:
+            failed = self._wait_loads(self.transport.send(self.engines, weights, version))
+        except RuntimeError as exc:  # the sender's side of a broken collective broadcast
+            log.warning("weight broadcast failed (%s); falling back to the object store", exc)
+            self.transport.close()
+            self._group_stale = True
+            failed = [i for i, alive in enumerate(self._alive()) if not alive]
+            self._recover_sync(failed, reload_survivors=True)
+            return
+        if failed:
+            self._recover_sync(failed, reload_survivors=self.cfg.weight_transport != "object_store")
+
+    def _alive(self) -> list[bool]:
+        pings = [engine.ping.remote() for engine in self.engines]
+        return [not isinstance(r, Exception) for r in self._get_each(pings, timeout=30)]
+
+    @staticmethod
+    def _get_each(refs: list[Any], timeout: float | None = None) -> list[Any]:
+        import ray
+
+        results = []
+        for ref in refs:
+            try:
+                results.append(ray.get(ref, timeout=timeout))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+                results.append(exc)
+        return results
+
+    def _wait_loads(self, refs: list[Any]) -> list[int]:
+        return [i for i, r in enumerate(self._get_each(refs)) if isinstance(r, Exception)]
+
+    def _recover_sync(self, failed: list[int], reload_survivors: bool) -> None:
+        """Replace dead engines (they load the latest weights); after a broken broadcast, survivors reload too."""
+        import ray
+
+        log.warning("engines %s died during a weight sync; replacing them", failed)
+        for i in failed:
+            self._replace(i)
+        if reload_survivors:
+            survivors = [e for i, e in enumerate(self.engines) if i not in failed]
+            latest = self._latest if isinstance(self._latest, ray.ObjectRef) else ray.put(self._latest)
+            stale = self._wait_loads([e.load_weights.remote(latest, self.version) for e in survivors])
+            if stale:
+                raise PoolError(f"weight sync to version {self.version} failed twice on engines {stale}")
+        versions = self.versions()
+        if any(v != self.version for v in versions):
+            raise PoolError(f"engines hold weight versions {versions} after sync to {self.version}")
+
+    def versions(self) -> list[int]:
+        import ray
+
+        return ray.get([engine.weights_version.remote() for engine in self.engines])
+
+    # ---------------------------------------------------------------------------------------------
+    # Lifecycle
+
+    def shutdown(self) -> None:
+        """Stop every engine's vLLM core, then end the actors; idempotent."""
+        import ray
+
+        self.transport.close()
+        engines, self.engines = self.engines, []
+        stops = [engine.shutdown.remote() for engine in engines]
+        for engine, stop in zip(engines, stops, strict=True):
+            # An engine already dead has nothing left to release but the actor itself.
+            with contextlib.suppress(ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                ray.get(stop, timeout=60)
+            ray.kill(engine, no_restart=True)
+        self._latest = None

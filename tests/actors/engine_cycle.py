@@ -1,0 +1,40 @@
+"""Starts, uses and shuts down an engine several times in a fresh process; prints what is left after each.
+
+Run by test_lifecycle.py as ``python -m tests.actors.engine_cycle MODEL_DIR CYCLES MULTIPROCESSING``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def _state() -> dict:
+    import psutil
+
+    children = sorted((p.pid, p.name()) for p in psutil.Process().children(recursive=True))
+    return {"children": children, "shm": sorted(os.listdir("/dev/shm"))}
+
+
+def main(model_dir: str, cycles: int, multiprocessing: bool) -> None:
+    from actors.engine import GenerationEngine
+    from tests.actors.conftest import random_weights
+    from warp_rlhf.config import ActorsConfig
+
+    cfg = ActorsConfig(kv_cache_gib=0.125, max_model_len=128, max_new_tokens=8, multiprocessing=multiprocessing)
+    _, flat = random_weights(model_dir, seed=3)
+    report = {"before": _state(), "during": [], "after": []}
+    for cycle in range(cycles):
+        engine = GenerationEngine(model_dir, cfg, dtype="float32", seed=cycle)
+        engine.load_weights(flat, version=cycle + 1)
+        rows = engine.generate(["The film opens"], n=2).column("version").to_pylist()
+        assert rows == [cycle + 1] * 2, rows
+        report["during"].append(_state())
+        engine.shutdown()
+        report["after"].append(_state())
+    print("REPORT " + json.dumps(report), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1")
