@@ -51,9 +51,11 @@ test: install lint
 test-all: install lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Trains the CPU demo (resuming it if interrupted; a finished run is not trained again), then evaluates it.
+DEMO_DIR ?= runs/demo
 demo: install
-	@echo "make demo: the WARP driver and the CPU demo are not built yet (issue 6)." >&2
-	@exit 1
+	$(PY) -m warp_rlhf train --config configs/demo.yaml --resume output.dir=$(DEMO_DIR)
+	$(PY) -m warp_rlhf eval --run $(DEMO_DIR)
 
 bench: install
 	$(PY) bench/merge.py

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 
 from actors.rollout import ROLLOUT_SCHEMA
@@ -148,6 +149,27 @@ class GenerationEngine:
         columns["run"], columns["iteration"], columns["step"] = [run] * rows, [iteration] * rows, [step] * rows
         columns["version"] = [self.version] * rows
         return pa.Table.from_pydict(columns, schema=ROLLOUT_SCHEMA)
+
+    def score(self, rollouts: pa.Table) -> np.ndarray:
+        """Σ_t log p(y_t | x, y_<t) of every row's completion under the current weights, by prefill. (B,)
+
+        Teacher forcing through the engine itself: the same numerics for every model an evaluation
+        compares, so a model scored against itself gives exactly zero log-ratio.
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        prompts = rollouts.column("prompt_ids").to_pylist()
+        completions = rollouts.column("completion_ids").to_pylist()
+        requests = [TokensPrompt(prompt_token_ids=p + c) for p, c in zip(prompts, completions, strict=True)]
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        totals = np.empty(len(requests), dtype=np.float64)
+        for row, (output, p, c) in enumerate(zip(outputs, prompts, completions, strict=True)):
+            # prompt_logprobs[k] holds log p(token k | tokens < k), the scored token among its keys.
+            steps = output.prompt_logprobs[len(p) : len(p) + len(c)]
+            totals[row] = sum(step[token].logprob for step, token in zip(steps, c, strict=True))
+        return totals
 
     # ---------------------------------------------------------------------------------------------
     # Weights

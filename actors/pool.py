@@ -79,6 +79,14 @@ class ActorPool:
                     raise PoolError(f"engine {i} died again after replacement: {again}") from again
         return pa.concat_tables(tables)
 
+    def score(self, rollouts: pa.Table) -> np.ndarray:
+        """Completion log-probabilities of every row under the pool's current weights (B,), rows split over engines."""
+        import ray
+
+        bounds = np.linspace(0, rollouts.num_rows, min(len(self.engines), rollouts.num_rows) + 1).astype(int)
+        parts = [rollouts.slice(lo, hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+        return np.concatenate(ray.get([e.score.remote(part) for e, part in zip(self.engines, parts, strict=False)]))
+
     def _replace(self, index: int) -> None:
         """Start a new engine in slot ``index`` and bring it to the pool's latest weights version."""
         import ray

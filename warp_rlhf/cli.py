@@ -7,14 +7,31 @@ before any expensive work starts. Heavy libraries are imported inside the subcom
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
-from warp_rlhf.config import ConfigError, dump_config, load_config
-from warp_rlhf.models import ModelError
+from warp_rlhf.config import dump_config, load_config
 
-# Errors that mean "the user's input is wrong": printed as one line, exit code 2.
-INPUT_ERRORS: tuple[type[Exception], ...] = (ConfigError, ModelError)
+
+def input_errors() -> tuple[type[Exception], ...]:
+    """Errors that mean "the user's input is wrong": printed as one line, exit code 2.
+
+    Imported only when something failed, so `import warp_rlhf.cli` stays light.
+    """
+    from actors.engine import GenerationError
+    from actors.rewards import RewardError
+    from merger.errors import CheckpointError
+    from warp_rlhf.cluster import ClusterError
+    from warp_rlhf.config import ConfigError
+    from warp_rlhf.data import PromptError
+    from warp_rlhf.evaluate import EvalError
+    from warp_rlhf.models import ModelError
+    from warp_rlhf.serve import ServeError
+
+    return (ConfigError, ModelError, CheckpointError, PromptError, RewardError, GenerationError, ClusterError,
+            EvalError, ServeError)  # fmt: skip
 
 
 def _config_show(args: argparse.Namespace) -> int:
@@ -32,7 +49,136 @@ def _add_config(sub: argparse._SubParsersAction) -> None:
     show.set_defaults(handler=_config_show)
 
 
-PARSERS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_config,)
+def _merge(args: argparse.Namespace) -> int:
+    from merger.streaming import merge_checkpoints
+
+    out = merge_checkpoints(
+        args.init,
+        args.policy,
+        args.out,
+        method=args.method,
+        lam=args.lam,
+        eta=args.eta,
+        granularity=args.granularity,
+        shard_size_mb=args.shard_size_mb,
+    )
+    print(out)
+    return 0
+
+
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "merge",
+        help="merge HF checkpoints offline: SLERP or LERP of task vectors, then optionally LITI",
+        description="Writes --out, an HF directory (config and tokenizer from --init), streaming tensor by tensor.",
+    )
+    parser.add_argument("--init", required=True, metavar="DIR", help="θ_init: the task vectors' origin")
+    parser.add_argument("--policy", required=True, action="append", metavar="DIR", help="a policy; repeat, in order")
+    parser.add_argument("--method", choices=("slerp", "lerp"), default="slerp", help="default: slerp")
+    parser.add_argument("--lam", type=float, help="SLERP λ for two policies (default 1/2; M > 2 uses 1/k)")
+    parser.add_argument("--eta", type=float, help="write the LITI result (1-η)·θ_init + η·θ_merge instead")
+    parser.add_argument(
+        "--granularity", choices=("tensor", "global"), default="tensor", help="one SLERP angle per tensor, or in all"
+    )
+    parser.add_argument("--shard-size-mb", type=int, default=2048, help="largest safetensors shard (default 2048)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist)")
+    parser.set_defaults(handler=_merge)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from warp_rlhf.loop import train
+
+    config = load_config(args.config, args.overrides)
+    out = train(config, resume=args.resume, force=args.force)
+    print(f"WARP finished: outputs in {out}")
+    return 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("train", help="run WARP: I iterations of M RL runs, SLERP, LITI")
+    parser.add_argument("--config", required=True, help="YAML file (see configs/)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in output.dir after a crash")
+    parser.add_argument("--force", action="store_true", help="with --resume: accept a config that differs")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides, applied in order")
+    parser.set_defaults(handler=_train)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from warp_rlhf.evaluate import evaluate, summary
+
+    table = evaluate(args.run, args.overrides)
+    print(summary(table))
+    print(f"KL-reward front: {args.run}/pareto.parquet, plot: {args.run}/pareto.png")
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("eval", help="KL-reward front of a run's models on held-out prompts")
+    parser.add_argument("--run", required=True, help="a run's output directory")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="e.g. eval.max_prompts=32")
+    parser.set_defaults(handler=_eval)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from warp_rlhf.serve import ServeOptions, serve
+
+    opts = ServeOptions(
+        model_dir=Path(args.dir),
+        host=args.host,
+        port=args.port,
+        served_model_name=args.served_model_name,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        kv_cache_gib=args.kv_cache_gib,
+        tensor_parallel_size=args.tensor_parallel_size,
+        vllm_args=tuple(args.vllm_args),
+    )
+    serve(opts)  # replaces this process with the server; returns only through an exception
+    return 0
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "serve",
+        help="serve a merged policy with vLLM's OpenAI-compatible server",
+        description="Checks DIR (config, safetensors, tokenizer), then runs vLLM's OpenAI server on it. "
+        "Arguments after --vllm go to vLLM unchanged.",
+    )
+    parser.add_argument("dir", metavar="DIR", help="an HF checkpoint, e.g. <run>/iter-<I>/init")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=port, default=8000, help="default 8000")
+    parser.add_argument("--served-model-name", default="policy", help="the `model` clients ask for (default policy)")
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "bfloat16", "float16", "float32"),
+        default="auto",
+        help="default auto: vLLM's choice on GPU, the stored dtype on CPU",
+    )
+    parser.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    parser.add_argument("--kv-cache-gib", type=float, help="KV cache size (default on CPU 1 GiB; on GPU vLLM's)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per server (default 1)")
+    parser.add_argument(
+        "--vllm", dest="vllm_args", nargs=argparse.REMAINDER, default=[], metavar="ARG",
+        help="last: every argument after --vllm goes to vLLM's server unchanged (e.g. --vllm --max-num-seqs 16)",
+    )  # fmt: skip
+    parser.set_defaults(handler=_serve)
+
+
+def port(text: str) -> int:
+    """argparse type for --port (argparse names the function in its message: "invalid port value")."""
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be in 1..65535, got {port}")
+    return port
+
+
+PARSERS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _add_config,
+    _add_merge,
+    _add_train,
+    _add_eval,
+    _add_serve,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,9 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)
-    except INPUT_ERRORS as exc:
+    except Exception as exc:
+        if not isinstance(exc, input_errors()):
+            raise
         print(f"warp-rlhf: error: {exc}", file=sys.stderr)
         return 2
 

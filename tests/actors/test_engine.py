@@ -79,6 +79,26 @@ def test_logprobs_are_the_models(engine):
     assert row["logprobs"] == pytest.approx(expected, abs=1e-4)
 
 
+def test_score_is_teacher_forced_sequence_logprob(engine):
+    import torch
+
+    model, flat = random_weights(engine.model_dir, seed=3)
+    engine.load_weights(flat, version=7)
+    table = engine.generate(PROMPTS, n=2, temperature=1.0, top_k=-1)
+    scores = engine.score(table)
+    assert scores.shape == (table.num_rows,)
+    # The sampler's own (raw) logprobs of the same tokens, summed, agree with the prefill scores.
+    sampled = [sum(row["logprobs"]) for row in table.to_pylist()]
+    assert scores == pytest.approx(sampled, abs=1e-3)
+    row = table.to_pylist()[0]
+    ids = torch.tensor([row["prompt_ids"] + row["completion_ids"]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].float(), -1)  # (L, V)
+    start = len(row["prompt_ids"])
+    expected = sum(logp[start - 1 + i, t].item() for i, t in enumerate(row["completion_ids"]))
+    assert scores[0] == pytest.approx(expected, abs=1e-3)
+
+
 @pytest.mark.parametrize(
     ("prompts", "kwargs", "message"),
     [

@@ -1,0 +1,133 @@
+"""The smoke config through the CLI, with real Ray, vLLM and DeepSpeed: contract, merge maths, serving, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.ray, pytest.mark.vllm]
+
+
+def _warp(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "warp_rlhf", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    result = _warp("train", "--config", "configs/smoke.yaml", f"output.dir={out}")
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out
+
+
+def test_output_contract(smoke_run: Path) -> None:
+    import yaml
+
+    config = yaml.safe_load((smoke_run / "config.yaml").read_text())
+    assert Path(config["model"]["path"]).is_dir()  # the resolved θ_sft directory is recorded
+    for i in (1, 2):
+        for sub in ("run-1", "run-2", "slerp", "init"):
+            ckpt = smoke_run / f"iter-{i}" / sub
+            for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json"):
+                assert (ckpt / name).is_file(), ckpt / name
+    metrics = pq.read_table(smoke_run / "metrics.parquet").to_pylist()
+    keys = {(r["iteration"], r["run"], r["step"]) for r in metrics}
+    assert keys == {(i, m, t) for i in (1, 2) for m in (1, 2) for t in (0, 1)}
+    for column in ("reward", "kl", "loss", "entropy", "completion_tokens", "generate_s", "learn_s", "sync_s"):
+        assert column in metrics[0], column
+    samples = pq.read_table(smoke_run / "samples").to_pylist()  # a directory of Parquet parts
+    assert len(samples) == 2 * 2 * 2 * 4 * 2  # iterations × runs × steps × prompts × samples
+    assert all(s["reward"] is not None for s in samples)
+    assert list((smoke_run / "tensorboard").glob("events.out.tfevents.*"))
+    assert not (smoke_run / "state" / "iter-1").exists()  # step state is dropped once merged
+
+
+def test_merge_recomputes_from_saved_checkpoints(smoke_run: Path) -> None:
+    import torch
+    import yaml
+
+    from merger import liti, load_flat, slerp
+
+    sft = yaml.safe_load((smoke_run / "config.yaml").read_text())["model"]["path"]
+    init = load_flat(sft).state_dict()
+    policies = [load_flat(smoke_run / "iter-1" / f"run-{m}").state_dict() for m in (1, 2)]
+    expected_slerp = slerp(init, policies, lam=0.5)
+    expected_init = liti(init, expected_slerp, 0.3)
+    saved_slerp = load_flat(smoke_run / "iter-1" / "slerp").state_dict()
+    saved_init = load_flat(smoke_run / "iter-1" / "init").state_dict()
+    for name in init:
+        torch.testing.assert_close(saved_slerp[name], expected_slerp[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(saved_init[name], expected_init[name], rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(policies[0][n], init[n]) for n in init)  # the runs did learn
+
+
+def test_final_checkpoint_loads_in_vllm(smoke_run: Path) -> None:
+    code = (
+        "from vllm import LLM, SamplingParams\n"
+        f"llm = LLM(model={str(smoke_run / 'iter-2' / 'init')!r}, dtype='float32', enforce_eager=True,"
+        " kv_cache_memory_bytes=128 << 20, max_model_len=128)\n"
+        "out = llm.generate(['The film'], SamplingParams(max_tokens=5, temperature=0))\n"
+        "print(len(out[0].outputs[0].token_ids))\n"
+        "llm.llm_engine.engine_core.shutdown()\n"
+    )
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "5"
+
+
+def test_eval_writes_the_pareto_front(smoke_run: Path) -> None:
+    result = _warp("eval", "--run", str(smoke_run))
+    assert result.returncode == 0, result.stderr[-4000:]
+    front = pq.read_table(smoke_run / "pareto.parquet").to_pylist()
+    labels = [r["model"] for r in front]
+    assert labels[:5] == ["sft", "iter-1/slerp", "iter-1/init", "iter-2/slerp", "iter-2/init"]
+    assert sum(r["kind"] == "liti" for r in front) == 5
+    sft = front[0]
+    assert sft["kl"] == pytest.approx(0.0, abs=1e-6)  # θ_sft against itself
+    assert (smoke_run / "pareto.png").stat().st_size > 10_000
+    assert "iter-2/init" in result.stdout
+
+
+def test_resume_after_sigkill_mid_iteration(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    # 8 steps with a checkpoint every 2: the kill lands long before a run could finish its iteration.
+    args = ["train", "--config", "configs/smoke.yaml", f"output.dir={out}", "warp.steps=8", "warp.checkpoint_every=2"]
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "warp_rlhf", *args],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the kill takes Ray's local processes too
+    )
+    marker = out / "state" / "iter-1" / "run-1" / "progress.json"
+    deadline = time.monotonic() + 480
+    while not marker.is_file() and driver.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert marker.is_file(), "no step checkpoint was written"
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    checkpointed = json.loads(marker.read_text())["step"]
+    assert checkpointed in (2, 4, 6)
+
+    result = _warp("train", "--resume", *args[1:])
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"run 1 of iteration 1 resumes at step {checkpointed}" in result.stderr
+    metrics = pq.read_table(out / "metrics.parquet").to_pylist()
+    keys = sorted((r["iteration"], r["run"], r["step"]) for r in metrics)
+    assert keys == [(i, m, t) for i in (1, 2) for m in (1, 2) for t in range(8)]  # no step twice, none lost
+    assert (out / "iter-2" / "init" / "model.safetensors").is_file()
+
+    changed = _warp("train", "--resume", *args[1:], "warp.beta=0.5")
+    assert changed.returncode == 2 and "warp.beta (0.1 → 0.5)" in changed.stderr

@@ -1,0 +1,49 @@
+"""Output directories: a fresh run writes its resolved config; a resume refuses a different one."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from warp_rlhf.cluster import ClusterError, check_resources, required_resources
+from warp_rlhf.config import config_from_dict
+from warp_rlhf.outputs import RunDir
+from warp_rlhf.resume import ResumeError, prepare_run_dir
+
+
+def test_fresh_run_writes_config_then_refuses_to_overwrite(tmp_path: Path) -> None:
+    out = RunDir(tmp_path / "run")
+    cfg = config_from_dict({}, [f"output.dir={out.root}"])
+    assert prepare_run_dir(out, cfg, resume=False, force=False) == 0
+    assert yaml.safe_load(out.config.read_text())["warp"]["beta"] == 0.1
+    with pytest.raises(ResumeError, match="already holds a run; pass --resume"):
+        prepare_run_dir(out, cfg, resume=False, force=False)
+
+
+def test_resume_names_every_differing_key_unless_forced(tmp_path: Path) -> None:
+    out = RunDir(tmp_path / "run")
+    cfg = config_from_dict({}, [f"output.dir={out.root}"])
+    prepare_run_dir(out, cfg, resume=False, force=False)
+    out.mark_completed(1)
+    assert prepare_run_dir(out, cfg, resume=True, force=False) == 1
+    changed = config_from_dict({}, [f"output.dir={out.root}", "warp.beta=0.2", "learners.lr=1e-5"])
+    with pytest.raises(ResumeError) as info:
+        prepare_run_dir(out, changed, resume=True, force=False)
+    assert "learners.lr (1e-06 → 1e-05)" in str(info.value) and "warp.beta (0.1 → 0.2)" in str(info.value)
+    assert prepare_run_dir(out, changed, resume=True, force=True) == 1
+
+
+def test_non_empty_directory_without_a_run_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "precious.txt").write_text("keep me")
+    cfg = config_from_dict({}, [f"output.dir={tmp_path}"])
+    with pytest.raises(ResumeError, match="not empty and holds no run"):
+        prepare_run_dir(RunDir(tmp_path), cfg, resume=False, force=False)
+
+
+def test_cluster_check_names_missing_resources() -> None:
+    cfg = config_from_dict({}, ["learners.num_gpus=1", "learners.ranks=2"])
+    need = required_resources(cfg)
+    assert need == {"CPU": 2 * (1 + 2) + 1, "GPU": 4}
+    with pytest.raises(ClusterError, match=r"needs 4 GPUs \(cluster has 0\)"):
+        check_resources(need, {"CPU": 16.0})
+    check_resources(need, {"CPU": 7.0, "GPU": 4.0})

@@ -1,0 +1,234 @@
+"""The WARP loop (Algorithm 1 of warp-method.md), read top to bottom:
+
+    for each iteration i:  every run m resets to θ_init (policy and EMA anchor)
+        for each step t:   draw prompts → generate (run m's vLLM pool) → score → learner step → sync pool
+        θ_slerp ← SLERP(θ_init, {θ_m}, λ);  θ_init ← LITI(θ_init, θ_slerp, η);  broadcast θ_init
+
+The M runs of an iteration run concurrently, one driver thread each, over their own Ray actors.
+Everything that crosses a process boundary is a FlatWeights put once in the object store, or an
+Arrow table. Resume state is written every ``warp.checkpoint_every`` steps and at iteration ends.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from warp_rlhf.config import Config
+from warp_rlhf.data import PromptSampler, load_prompts
+from warp_rlhf.models import resolve_model
+from warp_rlhf.outputs import MetricsLog, RunDir, is_complete_checkpoint, write_atomic
+from warp_rlhf.resume import prepare_run_dir, resolved
+
+log = logging.getLogger("warp_rlhf")
+
+
+@dataclass
+class Run:
+    """One of the M RL runs: a learner group, the actor pool that samples for it, its prompt order."""
+
+    index: int  # m, 1-based
+    learner: Any  # learners.LearnerGroup
+    pool: Any  # actors.ActorPool
+    sampler: PromptSampler | None = None
+    version: int = 0  # weights version the pool holds
+    latest: Any = None  # ObjectRef to the learner's weights at that version
+
+
+class Trainer:
+    """Holds what one `warp-rlhf train` needs across iterations: config, outputs, actors, merger."""
+
+    def __init__(self, cfg: Config, out: RunDir, sft_dir: Path, progress: Any) -> None:
+        from actors import make_reward
+
+        self.cfg, self.out, self.sft_dir, self.progress = cfg, out, sft_dir, progress
+        self.prompts = load_prompts(cfg.data.train, cfg.data.prompt_column, "train")
+        self.reward = make_reward(cfg.reward)
+        self.metrics = MetricsLog(out.metrics, out.root / "tensorboard" if cfg.output.tensorboard else None)
+        self.runs: list[Run] = []
+
+    def start_runs(self) -> None:
+        from actors import ActorPool
+        from learners import LearnerGroup
+
+        cfg, dtype = self.cfg, self.cfg.model.dtype
+        for m in range(1, cfg.warp.runs + 1):
+            seed = cfg.seed + 7919 * m  # runs differ only by seed and prompt order
+            learner = LearnerGroup(
+                self.sft_dir, cfg.learners, beta=cfg.warp.beta, mu=cfg.warp.mu, dtype=dtype, seed=seed
+            )
+            pool = ActorPool(self.sft_dir, cfg.actors, dtype=dtype, seed=seed)
+            self.runs.append(Run(m, learner, pool))
+
+    # ------------------------------------------------------------------------------------------------
+    # One iteration
+
+    def iteration(self, i: int, init_ref: Any) -> list[Any]:
+        """T steps of every run from θ_init, in parallel; returns the runs' final policies (refs or dirs)."""
+        with ThreadPoolExecutor(len(self.runs), thread_name_prefix="run") as threads:
+            return list(threads.map(lambda run: self.train_run(run, i, init_ref), self.runs))
+
+    def train_run(self, run: Run, i: int, init_ref: Any) -> Any:
+        final = self.out.policy(i, run.index)
+        if is_complete_checkpoint(final):  # finished before a crash; never recomputed
+            self.progress.update(self.cfg.warp.steps_in(i))
+            return final
+        steps, first = self.cfg.warp.steps_in(i), self.reset_run(run, i, init_ref)
+        samples: list[Any] = []
+        for t in range(first, steps):
+            idx = run.sampler.draw(self.cfg.warp.prompts_per_step)
+            start = time.perf_counter()
+            rollouts = self.generate(run, [self.prompts[k] for k in idx], i, t)
+            generated = time.perf_counter()
+            stats = run.learner.step(rollouts)
+            learned = time.perf_counter()
+            run.version += 1
+            run.latest = run.learner.weights_ref(run.version)
+            run.pool.sync(run.latest, run.version)
+            timings = {"generate_s": generated - start, "learn_s": learned - generated,
+                       "sync_s": time.perf_counter() - learned}  # fmt: skip
+            samples.append(rollouts)
+            self.record(run, i, t, rollouts, {**stats, **timings})
+            if self.checkpoint_due(t, steps):
+                self.checkpoint(run, i, t + 1, samples, first)
+                samples, first = [], t + 1
+        self.write_samples(run, i, samples, first, steps - 1)
+        self.save_policy(run, final)
+        return run.latest
+
+    def reset_run(self, run: Run, i: int, init_ref: Any) -> int:
+        """Policy and anchor to θ_init, or to the run's last step checkpoint; returns the next step."""
+        state = self.out.run_state(i, run.index)
+        run.sampler = PromptSampler(len(self.prompts), seed=self.cfg.seed + 104729 * i + run.index)
+        progress = state / "progress.json"
+        if progress.is_file():
+            saved = json.loads(progress.read_text())
+            run.learner.load_state(state / "learner")
+            run.sampler.restore(saved["sampler"])
+            run.version = saved["version"]
+            run.latest = run.learner.weights_ref(run.version)
+            run.pool.sync(run.latest, run.version)
+            log.info("run %d of iteration %d resumes at step %d", run.index, i, saved["step"])
+            self.progress.update(saved["step"])
+            return int(saved["step"])
+        run.learner.load_init(init_ref)
+        run.version, run.latest = self.version_base(i), init_ref
+        run.pool.sync(init_ref, run.version)
+        return 0
+
+    def version_base(self, i: int) -> int:
+        """Weights versions count learner steps across iterations: θ_init of iteration i has this one."""
+        return sum(self.cfg.warp.steps_in(k) for k in range(1, i)) + i - 1
+
+    def generate(self, run: Run, prompts: list[str], i: int, t: int) -> Any:
+        from actors import score_rollouts
+
+        rollouts = run.pool.generate(prompts, run=run.index, iteration=i, step=t)  # group_id = prompt index
+        return score_rollouts(rollouts, self.reward, self.cfg.reward.length_penalty)
+
+    def record(self, run: Run, i: int, t: int, rollouts: Any, stats: dict[str, Any]) -> None:
+        import pyarrow.compute as pc
+
+        row = {"iteration": i, "run": run.index, "step": t, "version": run.version}
+        row["completion_tokens"] = int(pc.sum(pc.list_value_length(rollouts.column("completion_ids"))).as_py())
+        for key, value in stats.items():  # the learner counts its own steps; the driver's (i, m, t) key wins
+            if isinstance(value, int | float | bool):
+                row["learner_step" if key == "step" else key] = value
+        global_step = self.version_base(i) - (i - 1) + t
+        self.metrics.append(row, global_step)
+        self.progress.update(1)
+        self.progress.set_postfix(iter=i, run=run.index, step=t, reward=f"{row.get('reward', 0):.3f}",
+                                  kl=f"{row.get('kl', 0):.3f}")  # fmt: skip
+
+    def checkpoint_due(self, t: int, steps: int) -> bool:
+        every = self.cfg.warp.checkpoint_every
+        return every > 0 and (t + 1) % every == 0 and t + 1 < steps
+
+    def checkpoint(self, run: Run, i: int, next_step: int, samples: list[Any], first: int) -> None:
+        """Samples since the last checkpoint, metrics, then learner state, then the pointer to it."""
+        self.write_samples(run, i, samples, first, next_step - 1)
+        self.metrics.flush()
+        state = self.out.run_state(i, run.index)
+        run.learner.save_state(state / "learner")  # atomic: written aside, renamed into place
+        saved = {"step": next_step, "sampler": run.sampler.state(), "version": run.version}
+        write_atomic(state / "progress.json", json.dumps(saved))
+
+    def write_samples(self, run: Run, i: int, samples: list[Any], first: int, last: int) -> None:
+        import pyarrow as pa
+
+        from warp_rlhf.outputs import write_parquet_atomic
+
+        if self.cfg.output.save_samples and samples:
+            write_parquet_atomic(self.out.samples(i, run.index, first, last), pa.concat_tables(samples))
+
+    def save_policy(self, run: Run, final: Path) -> None:
+        import ray
+
+        from merger import save_hf
+
+        if run.latest is None:  # resumed at the last step: nothing was generated since the checkpoint
+            run.latest = run.learner.weights_ref(run.version)
+        save_hf(ray.get(run.latest), final, reference_dir=self.sft_dir, overwrite=True)
+
+    # ------------------------------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        for run in self.runs:
+            run.pool.shutdown()
+            run.learner.shutdown()
+        self.metrics.close()
+
+
+def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
+    """Run WARP as configured; returns the output directory."""
+    import ray
+    from tqdm import tqdm
+
+    from merger import MergerService, load_flat
+    from warp_rlhf.cluster import connect
+
+    out = RunDir(Path(cfg.output.dir))
+    sft_dir = resolve_model(cfg.model.path, cfg.model.dtype)
+    cfg = resolved(cfg, sft_dir)
+    done = prepare_run_dir(out, cfg, resume=resume, force=force)
+    log.info("outputs: %s (θ_sft = %s)", out.root.resolve(), sft_dir)
+    started = connect(cfg)
+    total = sum(cfg.warp.steps_in(i) for i in range(1, cfg.warp.iterations + 1)) * cfg.warp.runs
+    finished = sum(cfg.warp.steps_in(i) for i in range(1, done + 1)) * cfg.warp.runs
+    progress = tqdm(total=total, initial=finished, desc="WARP", unit="step", dynamic_ncols=True)
+    trainer = Trainer(cfg, out, sft_dir, progress)
+    try:
+        trainer.metrics.keep(lambda row: row["iteration"] <= done or _before_checkpoint(out, row))
+        trainer.start_runs()
+        merger = MergerService(cfg, sft_dir)
+        init_ref = ray.put(load_flat(out.init(done) if done else sft_dir))  # θ_init, in the object store
+        for i in range(done + 1, cfg.warp.iterations + 1):
+            progress.set_description(f"WARP iteration {i}/{cfg.warp.iterations}")
+            policies = trainer.iteration(i, init_ref)
+            init_ref = merger.merge(i, init_ref, policies)  # SLERP then LITI; the result stays in the store
+            ray.get(init_ref)  # surfaces a failed merge before the iteration is marked complete
+            out.mark_completed(i)
+            trainer.metrics.flush()
+            shutil.rmtree(out.state / f"iter-{i}", ignore_errors=True)
+            log.info("iteration %d merged: %s, %s", i, out.slerp(i), out.init(i))
+        progress.close()
+        merger.shutdown()
+    finally:
+        trainer.shutdown()
+        if started:
+            ray.shutdown()
+    return out.root
+
+
+def _before_checkpoint(out: RunDir, row: dict[str, Any]) -> bool:
+    """Metrics rows of an unfinished iteration survive a resume only up to the run's last checkpoint."""
+    if is_complete_checkpoint(out.policy(row["iteration"], row["run"])):
+        return True
+    progress = out.run_state(row["iteration"], row["run"]) / "progress.json"
+    return progress.is_file() and row["step"] < json.loads(progress.read_text())["step"]
