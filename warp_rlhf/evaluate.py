@@ -12,7 +12,7 @@ prefill scoring, so the estimator is exactly 0 for θ_sft and free of sampler/le
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +83,9 @@ def evaluate(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     prompts = prompts[: cfg.eval.max_prompts or None]
     reward = make_reward(cfg.reward)
     started = connect(cfg)
-    pool = ActorPool(cfg.model.path, cfg.actors, dtype=cfg.model.dtype, seed=cfg.seed)
+    # The M runs' engine slots are free during evaluation: one pool uses them all.
+    engines = replace(cfg.actors, engines_per_run=cfg.actors.engines_per_run * cfg.warp.runs)
+    pool = ActorPool(cfg.model.path, engines, dtype=cfg.model.dtype, seed=cfg.seed)
     try:
         rows, samples = [], []
         for version, candidate in enumerate(models, start=1):
