@@ -21,7 +21,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CACHE)/torch_extensions
 export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0
 OPS_STAMP := $(TORCH_EXTENSIONS_DIR)/.warp-rlhf-ops-$(EXTRA)
 
-.PHONY: install test test-all lint format demo bench clean
+.PHONY: install test test-fast lint format demo bench clean
 
 install: $(STAMP) $(OPS_STAMP)
 
@@ -45,11 +45,12 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# The whole suite, slow tests included: about 13 minutes on the 2-core CI machine.
 test: install lint
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
-
-test-all: install lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install lint
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # Trains the CPU demo (resuming it if interrupted; a finished run is not trained again), then evaluates it.
 DEMO_DIR ?= runs/demo
@@ -58,9 +59,10 @@ demo: install
 	$(PY) -m warp_rlhf eval --run $(DEMO_DIR)
 
 bench: install
+	$(PY) bench/warp_step.py
 	$(PY) bench/merge.py
-	$(PY) bench/learners.py
-	$(PY) bench/actors.py
+	$(PY) -m bench.learners --stages 0 2 --steps 4
+	$(PY) bench/actors.py --reps 3
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache build *.egg-info
