@@ -321,18 +321,10 @@ class ResourcesConfig(_Section):
     """Ray cluster to join; empty: $RAY_ADDRESS if set, otherwise start a local cluster."""
     num_cpus: int = 0
     """CPUs of a local cluster started by the driver (0: all of this machine's)."""
-    placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
-    """Ray placement-group strategy for each run's learner ranks and engines."""
 
     def __post_init__(self) -> None:
         k = self._key
         _require(self.num_cpus >= 0, k("num_cpus"), self.num_cpus, ">= 0")
-        _require(
-            self.placement_strategy in ("PACK", "SPREAD"),
-            k("placement_strategy"),
-            self.placement_strategy,
-            "PACK or SPREAD",
-        )
 
 
 @dataclass(frozen=True)
