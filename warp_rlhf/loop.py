@@ -44,11 +44,10 @@ class Run:
 class Trainer:
     """Holds what one `warp-rlhf train` needs across iterations: config, outputs, actors, merger."""
 
-    def __init__(self, cfg: Config, out: RunDir, sft_dir: Path, progress: Any) -> None:
+    def __init__(self, cfg: Config, out: RunDir, sft_dir: Path, prompts: list[str], progress: Any) -> None:
         from actors import make_reward
 
-        self.cfg, self.out, self.sft_dir, self.progress = cfg, out, sft_dir, progress
-        self.prompts = load_prompts(cfg.data.train, cfg.data.prompt_column, "train")
+        self.cfg, self.out, self.sft_dir, self.prompts, self.progress = cfg, out, sft_dir, prompts, progress
         self.reward = make_reward(cfg.reward)
         self.metrics = MetricsLog(out.metrics, out.root / "tensorboard" if cfg.output.tensorboard else None)
         self.runs: list[Run] = []
@@ -194,6 +193,8 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
     from warp_rlhf.cluster import connect
 
     out = RunDir(Path(cfg.output.dir))
+    prompts = load_prompts(cfg.data.train, cfg.data.prompt_column, "train")  # bad input fails before any work
+    load_prompts(cfg.data.eval, cfg.data.prompt_column, "eval")
     sft_dir = resolve_model(cfg.model.path, cfg.model.dtype)
     cfg = resolved(cfg, sft_dir)
     done = prepare_run_dir(out, cfg, resume=resume, force=force)
@@ -202,7 +203,7 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
     total = sum(cfg.warp.steps_in(i) for i in range(1, cfg.warp.iterations + 1)) * cfg.warp.runs
     finished = sum(cfg.warp.steps_in(i) for i in range(1, done + 1)) * cfg.warp.runs
     progress = tqdm(total=total, initial=finished, desc="WARP", unit="step", dynamic_ncols=True)
-    trainer = Trainer(cfg, out, sft_dir, progress)
+    trainer = Trainer(cfg, out, sft_dir, prompts, progress)
     try:
         trainer.metrics.keep(lambda row: row["iteration"] <= done or _before_checkpoint(out, row))
         trainer.start_runs()

@@ -47,3 +47,26 @@ def test_cluster_check_names_missing_resources() -> None:
     with pytest.raises(ClusterError, match=r"needs 4 GPUs \(cluster has 0\)"):
         check_resources(need, {"CPU": 16.0})
     check_resources(need, {"CPU": 7.0, "GPU": 4.0})
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("data.train={tmp}/missing.jsonl", "prompt file '{tmp}/missing.jsonl' does not exist"),
+        ("data.eval={tmp}/bad.jsonl", "has no column 'prompt'"),
+        ("model.path={tmp}/no-model", "does not exist"),
+    ],
+)
+def test_train_refuses_bad_input_before_any_work(tmp_path: Path, override: str, fragment: str) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n')
+    out = tmp_path / "run"
+    args = ["train", "--config", "configs/smoke.yaml", f"output.dir={out}", override.format(tmp=tmp_path)]
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-m", "warp_rlhf", *args], capture_output=True, text=True, cwd=root)
+    assert result.returncode == 2
+    assert fragment.format(tmp=tmp_path) in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()  # nothing half-written
