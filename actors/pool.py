@@ -63,8 +63,7 @@ class ActorPool:
         import ray
 
         texts = prompt_texts(prompts, kwargs.pop("prompt_column", "prompt"))
-        bounds = np.linspace(0, len(texts), min(len(self.engines), len(texts)) + 1).astype(int)
-        shards = [(i, int(lo), texts[lo:hi]) for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))]
+        shards = [(i, lo, texts[lo:hi]) for i, (lo, hi) in enumerate(self._shards(len(texts)))]
         refs = {i: self.engines[i].generate.remote(shard, n, group_offset=lo, **kwargs) for i, lo, shard in shards}
         tables = []
         for i, lo, shard in shards:
@@ -79,12 +78,16 @@ class ActorPool:
                     raise PoolError(f"engine {i} died again after replacement: {again}") from again
         return pa.concat_tables(tables)
 
+    def _shards(self, rows: int) -> list[tuple[int, int]]:
+        """Contiguous [lo, hi) row ranges, one per engine (fewer when there are fewer rows than engines)."""
+        bounds = np.linspace(0, rows, min(len(self.engines), rows) + 1).astype(int)
+        return [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+
     def score(self, rollouts: pa.Table) -> np.ndarray:
         """Completion log-probabilities of every row under the pool's current weights (B,), rows split over engines."""
         import ray
 
-        bounds = np.linspace(0, rollouts.num_rows, min(len(self.engines), rollouts.num_rows) + 1).astype(int)
-        parts = [rollouts.slice(lo, hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+        parts = [rollouts.slice(lo, hi - lo) for lo, hi in self._shards(rollouts.num_rows)]
         return np.concatenate(ray.get([e.score.remote(part) for e, part in zip(self.engines, parts, strict=False)]))
 
     def _replace(self, index: int) -> None:

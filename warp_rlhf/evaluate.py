@@ -56,14 +56,17 @@ def candidates(out: RunDir, cfg: Config) -> list[Candidate]:
     return found
 
 
-def load_candidate(candidate: Candidate, version: int):  # noqa: ANN201 - FlatWeights
+def load_candidate(candidate: Candidate, version: int, states: dict[Path, dict]):  # noqa: ANN201 - FlatWeights
+    """The candidate's weights; ``states`` keeps θ_sft and θ_slerp^I so the LITI family reads each once."""
     from merger import liti, load_flat
     from merger.flat import flatten
 
     if isinstance(candidate.source, tuple):
         sft, slerp, eta = candidate.source
-        base, top = load_flat(sft).state_dict(), load_flat(slerp).state_dict()
-        return flatten(liti(base, top, eta).items(), version)
+        for path in (sft, slerp):
+            if path not in states:
+                states[path] = load_flat(path).state_dict()
+        return flatten(liti(states[sft], states[slerp], eta).items(), version)
     return load_flat(candidate.source, version)
 
 
@@ -87,14 +90,14 @@ def evaluate(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     engines = replace(cfg.actors, engines_per_run=cfg.actors.engines_per_run * cfg.warp.runs)
     pool = ActorPool(cfg.model.path, engines, dtype=cfg.model.dtype, seed=cfg.seed)
     try:
-        rows, samples = [], []
+        rows, samples, states = [], [], {}
         for version, candidate in enumerate(models, start=1):
-            weights = ray.put(load_candidate(candidate, version))
+            weights = ray.put(load_candidate(candidate, version, states))
             pool.sync(weights, version)
             table = pool.generate(prompts, n=cfg.eval.samples_per_prompt, temperature=1.0, top_k=-1, seed=cfg.seed)
             table = score_rollouts(table, reward, cfg.reward.length_penalty)
             samples.append((candidate, table, pool.score(table)))
-        pool.sync(ray.put(load_candidate(models[0], 0)), 0)  # θ_sft scores every model's samples
+        pool.sync(ray.put(load_candidate(models[0], 0, states)), 0)  # θ_sft scores every model's samples
         for candidate, table, logp in samples:
             logp_sft = pool.score(table)
             rows.append(_row(candidate, table, logp - logp_sft))

@@ -23,7 +23,7 @@ from typing import Any
 from warp_rlhf.config import Config
 from warp_rlhf.data import PromptSampler, load_prompts
 from warp_rlhf.models import resolve_model
-from warp_rlhf.outputs import MetricsLog, RunDir, is_complete_checkpoint, write_atomic
+from warp_rlhf.outputs import MetricsLog, RunDir, is_complete_checkpoint, write_atomic, write_parquet_atomic
 from warp_rlhf.resume import prepare_run_dir, resolved
 
 log = logging.getLogger("warp_rlhf")
@@ -160,8 +160,6 @@ class Trainer:
 
     def write_samples(self, run: Run, i: int, samples: list[Any], first: int, last: int) -> None:
         import pyarrow as pa
-
-        from warp_rlhf.outputs import write_parquet_atomic
 
         if self.cfg.output.save_samples and samples:
             write_parquet_atomic(self.out.samples(i, run.index, first, last), pa.concat_tables(samples))
