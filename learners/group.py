@@ -1,9 +1,12 @@
 """LearnerGroup: R LearnerRank Ray actors forming one torch.distributed group that act as one learner.
 
-Owns building the rank actors (resources from LearnersConfig, never a decorator), splitting each
-global batch over ranks by whole prompt groups, merging the ranks' metrics, and the object-store
-hand-off of weights: ``weights()`` returns rank 0's ObjectRef, so the driver passes the reference to
-every engine without pulling the buffer into its own process. Imports ray lazily; never vLLM.
+Owns placing the ranks (one bundle each of a Ray placement group: the driver's, or one of its own),
+the rendezvous at rank 0's node, building the rank actors (resources from LearnersConfig, never a
+decorator), splitting each global batch over ranks by whole prompt groups, merging the ranks'
+metrics, and handing weights on: ``weights_ref()`` returns rank 0's ObjectRef (the driver passes the
+reference on without pulling the buffer into its own process), and the group is the collective
+transport's publisher (:class:`actors.transport.WeightPublisher`): rank 0 broadcasts to the engines
+itself. Imports ray lazily; never vLLM.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from learners.batching import split_groups
-from learners.distributed import free_port
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -37,24 +39,50 @@ class LearnerGroup:
         mu: float,
         dtype: str = "bfloat16",
         seed: int = 0,
-        master_addr: str = "127.0.0.1",
-        master_port: int = 0,
+        placement_group: Any = None,
     ) -> None:
+        """Start the ranks; ``placement_group`` has one bundle per rank (the driver's), else the group makes one."""
         import ray
 
         from learners.learner import LearnerRank
 
         self.cfg = cfg
-        remote_rank = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)(LearnerRank)
-        # 127.0.0.1 serves every rank on one node (the CPU and single-node GPU case); ranks spread over
-        # nodes need rank 0's node address and a port known to be free there.
-        port = master_port or free_port(master_addr)
-        common = dict(beta=beta, mu=mu, dtype=dtype, seed=seed, world_size=cfg.ranks)
+        self._own_group = placement_group is None
+        self.placement_group = placement_group if placement_group is not None else self._make_group(cfg)
+        # Rank 0's node: the rendezvous address is where rank 0 runs, with a port free there.
+        probe = ray.remote(num_cpus=0)(_node_address).options(scheduling_strategy=self._bundle(0))
+        self.master_addr, self.master_port = ray.get(probe.remote())
+        remote_rank = ray.remote(LearnerRank)
+        common = dict(beta=beta, mu=mu, dtype=dtype, seed=seed, world_size=cfg.ranks,
+                      master_addr=self.master_addr, master_port=self.master_port)  # fmt: skip
         self.ranks = [
-            remote_rank.remote(str(model_dir), cfg, rank=r, master_addr=master_addr, master_port=port, **common)
+            remote_rank.options(
+                num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, scheduling_strategy=self._bundle(r)
+            ).remote(str(model_dir), cfg, rank=r, **common)
             for r in range(cfg.ranks)
         ]
-        ray.get([r.ready.remote() for r in self.ranks])  # surface init errors here, not at the first step
+
+    def ready(self) -> None:
+        """Wait until every rank has joined the group and built its engine; raises a rank's init error."""
+        import ray
+
+        ray.get([r.ready.remote() for r in self.ranks])
+
+    @staticmethod
+    def _make_group(cfg: LearnersConfig) -> Any:
+        """PACK: on one node when the ranks fit there, over several otherwise (the rendezvous allows it)."""
+        import ray
+        from ray.util.placement_group import placement_group
+
+        bundle = {"CPU": cfg.num_cpus} | ({"GPU": cfg.num_gpus} if cfg.num_gpus else {})
+        group = placement_group([dict(bundle) for _ in range(cfg.ranks)], strategy="PACK")
+        ray.get(group.ready())
+        return group
+
+    def _bundle(self, index: int) -> Any:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        return PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=index)
 
     def step(self, rollouts: pa.Table) -> dict[str, Any]:
         """One update on the global batch: whole prompt groups per rank, metrics merged over ranks."""
@@ -105,12 +133,50 @@ class LearnerGroup:
 
         ray.get([rank.load_state.remote(str(directory)) for rank in self.ranks])
 
+    # ------------------------------------------------------------------------------------------------
+    # The collective transport's publisher (actors.transport.WeightPublisher)
+
+    def open_broadcast(
+        self, world_size: int, backend: str, bucket_bytes: int, timeout_s: float
+    ) -> tuple[str, int, list]:
+        """Rank 0 opens the engines' group on its own node (the rendezvous address); (host, port, specs)."""
+        import ray
+
+        ref = self.ranks[0].open_weight_sender.remote(self.master_addr, world_size, backend, bucket_bytes, timeout_s)
+        return ray.get(ref)
+
+    def connect_broadcast(self) -> list[ray.ObjectRef]:
+        return [self.ranks[0].connect_weight_sender.remote()]
+
+    def broadcast(self, version: int) -> list[ray.ObjectRef]:
+        """Every rank takes part (ZeRO-3 gathers); rank 0 streams the buckets. ``version`` is the engines' tag."""
+        del version  # the engines tag the load; the learner sends whatever it holds now
+        return [rank.broadcast_weights.remote() for rank in self.ranks]
+
+    def sender_info(self) -> dict[str, Any]:
+        import ray
+
+        return ray.get(self.ranks[0].weight_sender_info.remote())
+
     def shutdown(self) -> None:
         import ray
+        from ray.util.placement_group import remove_placement_group
 
         for rank in self.ranks:
             ray.kill(rank)
         self.ranks = []
+        if self._own_group and self.placement_group is not None:
+            remove_placement_group(self.placement_group)
+        self.placement_group = None
+
+
+def _node_address() -> tuple[str, int]:
+    """This node's address as Ray sees it, and a port free on it (run as a task in rank 0's bundle)."""
+    import ray
+
+    from learners.distributed import free_port
+
+    return ray.util.get_node_ip_address(), free_port("")
 
 
 def merge_metrics(per_rank: list[dict[str, Any]]) -> dict[str, Any]:

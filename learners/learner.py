@@ -2,9 +2,10 @@
 
 Owns one rank's step (log-probs under policy and anchor, shaped reward, baseline, loss, backward with
 our own gradient accumulation, Adam step, EMA update), non-finite protection, full-weight export in
-FlatWeights form, the reset to θ_init, and resume state. A plain class: it works in-process (world
-size 1) and LearnerGroup makes R of them Ray actors. Imports torch, deepspeed and transformers lazily;
-from ``actors`` only ``actors.rollout``; never Ray or vLLM.
+FlatWeights form or as a collective broadcast to the engines (:mod:`learners.publish`), the reset to
+θ_init, and resume state. A plain class: it works in-process (world size 1) and LearnerGroup makes R
+of them Ray actors. Imports torch, deepspeed and transformers lazily; from ``actors`` only the wire
+contracts (``actors.rollout``, ``actors.broadcast``); never Ray or vLLM.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from learners.distributed import (
     zero3,
 )
 from learners.objective import advantages, kl_shaped_reward, reinforce_loss, sequence_logprobs_and_entropy
+from learners.publish import Broadcaster
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -71,6 +73,7 @@ class LearnerRank:
             raise ValueError(f"beta = {beta!r}: must be >= 0")
         self.cfg, self.beta, self.dtype = cfg, beta, dtype
         self.rank, self.world_size = rank, world_size
+        self.master_addr, self.master_port = master_addr, master_port
         gpu = cfg.num_gpus > 0
         init_process_group(rank, world_size, master_addr, master_port, "nccl" if gpu else "gloo")
         self.device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
@@ -88,6 +91,7 @@ class LearnerRank:
         )
         # fp32 without ZeRO is the one DeepSpeed mode that applies non-finite gradients: we check it.
         self._own_grad_check = dtype == "float32" and cfg.zero_stage == 0
+        self.broadcaster = Broadcaster(rank)
         self.steps = 0  # step() calls, skipped ones included: the driver's t
         self.updates = 0  # optimizer updates applied since the last load_init
         self.version = 0  # weights version: the loaded init's version plus applied updates
@@ -274,6 +278,23 @@ class LearnerRank:
         named = ((name, t.detach().to("cpu", copy=True) if copy_out else t.detach()) for name, t in pairs)
         return flatten(named, version=self.version if version is None else version)
 
+    def open_weight_sender(
+        self, host: str, world_size: int, backend: str, bucket_bytes: int, timeout_s: float
+    ) -> tuple[str, int, list]:
+        """Rank 0: open the engines' broadcast group at ``host``, this node's address; (host, port, specs)."""
+        return self.broadcaster.open(self.engine.module, host, world_size, backend, bucket_bytes, timeout_s)
+
+    def connect_weight_sender(self) -> None:
+        """Rank 0: block until every engine worker has joined the group."""
+        self.broadcaster.connect()
+
+    def broadcast_weights(self) -> int:
+        """Stream the current weights to the engines (every rank calls it; rank 0 sends). Bytes sent."""
+        return self.broadcaster.send(self.engine.module)
+
+    def weight_sender_info(self) -> dict[str, Any]:
+        return self.broadcaster.info()
+
     def load_init(self, weights: FlatWeights) -> None:
         """θ ← θ_init and θ_ema ← θ_init; Adam moments and the warm-up restart, as a fresh run would.
 
@@ -357,6 +378,7 @@ class LearnerRank:
 
     def shutdown(self) -> None:
         """Release the engine; the process group stays (it belongs to the process, and may be shared)."""
+        self.broadcaster.close()
         self.engine.destroy()
 
 

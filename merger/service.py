@@ -94,12 +94,18 @@ def _source(weights: Any, stack: ExitStack) -> Source:
 class MergerService:
     """``Merger`` as a Ray actor, with ``merger.num_cpus`` from config; one per WARP run."""
 
-    def __init__(self, config: Config, reference_dir: str | Path) -> None:
+    def __init__(self, config: Config, reference_dir: str | Path, placement_group: Any = None) -> None:
+        """``placement_group``: the driver's one-bundle reservation for the merger, or None to schedule freely."""
         import ray
 
         # Absolute paths: the actor's working directory is not the driver's.
         output_dir = Path(config.output.dir).resolve()
-        actor_class = ray.remote(num_cpus=config.merger.num_cpus)(Merger)
+        options: dict[str, Any] = {"num_cpus": config.merger.num_cpus}
+        if placement_group is not None:
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement_group, 0)
+        actor_class = ray.remote(Merger).options(**options)
         self._actor = actor_class.remote(config, str(Path(reference_dir).resolve()), str(output_dir))
 
     def merge(self, iteration: int, init: Weights, policies: Sequence[Weights]) -> ray.ObjectRef:

@@ -28,10 +28,11 @@ def input_errors() -> tuple[type[Exception], ...]:
     from warp_rlhf.data import PromptError
     from warp_rlhf.evaluate import EvalError
     from warp_rlhf.models import ModelError
+    from warp_rlhf.placement import PlacementError
     from warp_rlhf.serve import ServeError
 
     return (ConfigError, ModelError, CheckpointError, PromptError, RewardError, GenerationError, ClusterError,
-            EvalError, ServeError)  # fmt: skip
+            EvalError, ServeError, PlacementError)  # fmt: skip
 
 
 def _config_show(args: argparse.Namespace) -> int:
@@ -164,6 +165,49 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_serve)
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from warp_rlhf.model_size import policy_shape, reward_shape
+    from warp_rlhf.placement import local_node, nodes_from_cluster_yaml
+    from warp_rlhf.plan import format_plan, plan
+
+    config = load_config(args.config, args.overrides)
+    nodes = nodes_from_cluster_yaml(args.cluster) if args.cluster else [local_node(config)]
+    result = plan(config, nodes, policy_shape(config, args.params, args.model_config), reward_shape(config))
+    print(format_plan(result))
+    if result.fits:
+        return 0
+    print(f"warp-rlhf: error: the run does not fit: {'; '.join(result.failures)}", file=sys.stderr)
+    return 2
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "plan",
+        help="show where every actor goes and whether it fits in memory; starts nothing",
+        description="Places the run's placement groups on the nodes of --cluster (or this machine) and compares "
+        "memory estimates with each node's GPUs and RAM. Exit 0 when it fits, 2 when not.",
+    )
+    parser.add_argument("--config", required=True, help="YAML file (see configs/)")
+    parser.add_argument("--cluster", metavar="FILE", help="Ray cluster launcher file (default: this machine alone)")
+    parser.add_argument(
+        "--params", type=parameter_count, metavar="N", help="parameter count, e.g. 7.24e9, when the model is not here"
+    )
+    parser.add_argument("--model-config", metavar="FILE", help="the model's config.json (or its HF directory)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides, applied in order")
+    parser.set_defaults(handler=_plan)
+
+
+def parameter_count(text: str) -> float:
+    """argparse type for --params: a positive number such as 7.24e9."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number such as 7.24e9, got {text!r}") from None
+    if not value >= 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
 def port(text: str) -> int:
     """argparse type for --port (argparse names the function in its message: "invalid port value")."""
     port = int(text)
@@ -178,6 +222,7 @@ PARSERS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_train,
     _add_eval,
     _add_serve,
+    _add_plan,
 )
 
 

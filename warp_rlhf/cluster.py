@@ -1,16 +1,23 @@
-"""Joining or starting the Ray cluster a run uses, and checking it can hold the run before any actor starts.
+"""Joining or starting the Ray cluster a run uses, checking the run fits it, and reserving its placement groups.
 
 The driver joins an existing cluster when ``resources.address`` or ``$RAY_ADDRESS`` is set (``ray job
-submit`` sets it), and starts a local one otherwise. Either way, a cluster too small for the config is
-an error naming what is missing, instead of actors that wait forever for resources.
+submit`` sets it), and starts a local one otherwise. Before any actor starts, the run's placement
+(:mod:`warp_rlhf.placement`, the same model ``warp-rlhf plan`` prints) is checked against the live
+nodes: a cluster that cannot hold the run is an error naming the group that does not fit, instead of
+actors waiting forever for resources. Then every learner, engine, the remote reward model and the
+merger get a Ray placement group, all removed when the run ends or fails.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import time
+from typing import Any
 
 from warp_rlhf.config import Config
+from warp_rlhf.placement import GroupSpec, PlacementError, assign, group_specs, nodes_from_ray
 
 # Environment every actor process needs: caches, compiled-op location and vLLM's process mode.
 FORWARDED_ENV = ("WARP_RLHF_CACHE", "TORCH_EXTENSIONS_DIR", "VLLM_CPU_NUM_OF_RESERVED_CPU", "HF_HUB_OFFLINE")
@@ -18,17 +25,6 @@ FORWARDED_ENV = ("WARP_RLHF_CACHE", "TORCH_EXTENSIONS_DIR", "VLLM_CPU_NUM_OF_RES
 
 class ClusterError(RuntimeError):
     """The Ray cluster cannot hold the run as configured."""
-
-
-def required_resources(cfg: Config) -> dict[str, float]:
-    """CPUs and GPUs held at once: M runs × (K engines + R learner ranks), the merger, a remote reward."""
-    a, lr, m = cfg.actors, cfg.learners, cfg.warp.runs
-    cpus = m * (a.engines_per_run * a.num_cpus + lr.ranks * lr.num_cpus) + cfg.merger.num_cpus
-    gpus = m * (a.engines_per_run * a.num_gpus + lr.ranks * lr.num_gpus)
-    if cfg.reward.remote:
-        cpus += cfg.reward.num_cpus
-        gpus += cfg.reward.num_gpus
-    return {"CPU": cpus, "GPU": gpus}
 
 
 def worker_env(cfg: Config) -> dict[str, str]:
@@ -42,23 +38,30 @@ def worker_env(cfg: Config) -> dict[str, str]:
     return env
 
 
-def connect(cfg: Config) -> bool:
-    """Join or start Ray and check its resources; returns True when this call started the cluster."""
+def local_resources(cfg: Config) -> dict[str, float]:
+    """Custom resources a local (single-node) cluster declares, so a config that names node roles runs on it."""
+    names = {cfg.resources.learner_resource, cfg.resources.rollout_resource} - {""}
+    return {name: 1.0 for name in sorted(names)}
+
+
+def connect(cfg: Config, specs: list[GroupSpec] | None = None) -> bool:
+    """Join or start Ray and check that ``specs`` (default: the whole run) fit; True when this call started Ray."""
     import ray
 
     address = cfg.resources.address or os.environ.get("RAY_ADDRESS", "")
     runtime_env = {"env_vars": worker_env(cfg)}
-    need = required_resources(cfg)
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         started = False
     else:
         # A local cluster is sized to the run: logical CPUs are a scheduling device, not a thread count.
-        cpus = cfg.resources.num_cpus or max(os.cpu_count() or 1, math.ceil(need["CPU"]))
-        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=False)
+        need = sum(bundle.get("CPU", 0.0) for spec in specs or group_specs(cfg, []) for bundle in spec.bundles)
+        cpus = cfg.resources.num_cpus or max(os.cpu_count() or 1, math.ceil(need))
+        ray.init(num_cpus=cpus, resources=local_resources(cfg), include_dashboard=False, runtime_env=runtime_env,
+                 log_to_driver=False)  # fmt: skip
         started = True
     try:
-        check_resources(need, ray.cluster_resources())
+        check_fits(cfg, specs)
     except ClusterError:
         if started:
             ray.shutdown()
@@ -66,13 +69,95 @@ def connect(cfg: Config) -> bool:
     return started
 
 
-def check_resources(need: dict[str, float], have: dict[str, float]) -> None:
-    missing = [
-        f"{need[k]:g} {k}s (cluster has {have.get(k, 0):g})" for k in ("CPU", "GPU") if need[k] > have.get(k, 0) + 1e-9
-    ]
-    if missing:
-        raise ClusterError(
-            "the Ray cluster is too small for this config: it needs "
-            + " and ".join(missing)
-            + "; lower actors/learners num_cpus/num_gpus, warp.runs, or add nodes"
-        )
+def check_fits(cfg: Config, specs: list[GroupSpec] | None = None) -> list[GroupSpec]:
+    """The run's groups, checked against the live cluster's nodes (the same check as `warp-rlhf plan`)."""
+    import ray
+
+    nodes = nodes_from_ray(ray.nodes())
+    try:
+        assign(cfg, nodes, specs)
+    except PlacementError as exc:
+        raise ClusterError(f"the Ray cluster cannot hold this run: {exc}") from None
+    return specs if specs is not None else group_specs(cfg, nodes)
+
+
+class RunPlacement:
+    """The run's placement groups, one per GroupSpec, reserved together and removed together."""
+
+    def __init__(self, specs: list[GroupSpec], timeout_s: float) -> None:
+        import ray
+        from ray.util.placement_group import placement_group
+
+        self.specs = {spec.name: spec for spec in specs}
+        self.groups: dict[str, Any] = {}
+        try:
+            for spec in specs:
+                bundles = [dict(bundle) for bundle in spec.bundles]
+                self.groups[spec.name] = placement_group(bundles, strategy=spec.strategy, name=f"warp:{spec.name}")
+            self._wait(ray, timeout_s)
+        except BaseException:
+            self.remove()
+            raise
+
+    def _wait(self, ray: Any, timeout_s: float) -> None:
+        pending = {name: group.ready() for name, group in self.groups.items()}
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            ready, _ = ray.wait(list(pending.values()), num_returns=len(pending), timeout=1.0)
+            done = {name for name, ref in pending.items() if ref in ready}
+            pending = {name: ref for name, ref in pending.items() if name not in done}
+            if pending and time.monotonic() > deadline:
+                raise ClusterError(
+                    f"Ray did not reserve placement groups {sorted(pending)} within {timeout_s:g} s "
+                    "(resources.placement_timeout_s): nodes may be missing or busy; see `ray status`"
+                )
+
+    def get(self, name: str) -> Any:
+        return self.groups.get(name)
+
+    def describe(self) -> dict[str, Any]:
+        """Ray's own record of each group: strategy, bundles, and the node id of every bundle."""
+        from ray.util import placement_group_table
+
+        described = {}
+        for name, group in self.groups.items():
+            table = placement_group_table(group)
+            nodes = table.get("bundles_to_node_id", {})
+            described[name] = {"strategy": table.get("strategy"), "state": table.get("state"),
+                               "bundles": list(table.get("bundles", {}).values()),
+                               "bundle_nodes": [nodes.get(i) for i in range(len(nodes))]}  # fmt: skip
+        return described
+
+    def learner(self, run: int) -> Any:
+        return self.groups[f"run-{run}/learner"]
+
+    def engines(self, run: int) -> list[Any]:
+        names = sorted((n for n in self.groups if n.startswith(f"run-{run}/engine-")), key=_engine_index)
+        return [self.groups[n] for n in names]
+
+    def remove(self) -> None:
+        """Release every reservation (actors in them are killed by Ray); idempotent."""
+        from ray.util.placement_group import remove_placement_group
+
+        for group in self.groups.values():
+            with contextlib.suppress(Exception):  # already removed, or Ray is shutting down: nothing to release
+                remove_placement_group(group)
+        self.groups = {}
+
+
+def _engine_index(name: str) -> int:
+    return int(name.rsplit("-", 1)[1])
+
+
+def locate(actors: list[Any]) -> list[dict[str, Any]]:
+    """Where each actor runs, as Ray sees it from inside the actor: node id, node address, process id."""
+    import ray
+
+    return ray.get([actor.__ray_call__.remote(_where) for actor in actors])
+
+
+def _where(_instance: Any) -> dict[str, Any]:
+    import ray
+
+    return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+            "pid": os.getpid()}  # fmt: skip

@@ -80,8 +80,8 @@ class ActorsConfig(_Section):
     """How learner weights reach the engines after every step."""
     multiprocessing: bool = False
     """Run vLLM's engine core in its own process (production shape) instead of in the actor's process."""
-    bucket_mb: int = 256
-    """Slice size in MiB of collective weight broadcasts (weight_transport = collective)."""
+    bucket_mb: float = 256.0
+    """Bucket size in MiB of collective weight broadcasts: the most an engine worker buffers at once."""
     logprobs: Literal["raw", "processed"] = "raw"
     """Rollout logprobs: raw = log-softmax of the model's logits (π_θ at T=1); processed = after temperature/top-k."""
 
@@ -114,7 +114,7 @@ class ActorsConfig(_Section):
             self.weight_transport,
             "object_store or collective",
         )
-        _require(self.bucket_mb >= 1, k("bucket_mb"), self.bucket_mb, ">= 1")
+        _require(self.bucket_mb > 0, k("bucket_mb"), self.bucket_mb, "> 0")
         _require(self.logprobs in ("raw", "processed"), k("logprobs"), self.logprobs, "raw or processed")
 
 
@@ -321,10 +321,21 @@ class ResourcesConfig(_Section):
     """Ray cluster to join; empty: $RAY_ADDRESS if set, otherwise start a local cluster."""
     num_cpus: int = 0
     """CPUs of a local cluster started by the driver (0: all of this machine's)."""
+    learner_resource: str = ""
+    """Custom Ray resource marking the nodes that may host learner ranks (e.g. `learner_node`); empty: any node."""
+    rollout_resource: str = ""
+    """Custom Ray resource marking the nodes that may host engines and a remote reward model; empty: any node."""
+    placement_timeout_s: float = 600.0
+    """How long the driver waits for Ray to reserve the run's placement groups before giving up."""
 
     def __post_init__(self) -> None:
         k = self._key
         _require(self.num_cpus >= 0, k("num_cpus"), self.num_cpus, ">= 0")
+        for name in ("learner_resource", "rollout_resource"):
+            value = getattr(self, name)
+            _require(value not in ("CPU", "GPU", "memory", "object_store_memory"), k(name), value,
+                     "a custom resource name, not one of Ray's built-in resources")  # fmt: skip
+        _require(self.placement_timeout_s > 0, k("placement_timeout_s"), self.placement_timeout_s, "> 0")
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,8 @@ def evaluate(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     import ray
 
     from actors import ActorPool, make_reward, score_rollouts
-    from warp_rlhf.cluster import connect
+    from warp_rlhf.cluster import RunPlacement, connect
+    from warp_rlhf.placement import group_specs
 
     out = RunDir(Path(run_dir))
     if not out.config.is_file():
@@ -84,12 +85,18 @@ def evaluate(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     models = candidates(out, cfg)
     prompts = load_prompts(cfg.data.eval, cfg.data.prompt_column, "eval")
     prompts = prompts[: cfg.eval.max_prompts or None]
-    reward = make_reward(cfg.reward)
-    started = connect(cfg)
+    reward = None if cfg.reward.remote else make_reward(cfg.reward)  # a bad reward fails before Ray starts
     # The M runs' engine slots are free during evaluation: one pool uses them all.
     engines = replace(cfg.actors, engines_per_run=cfg.actors.engines_per_run * cfg.warp.runs)
-    pool = ActorPool(cfg.model.path, engines, dtype=cfg.model.dtype, seed=cfg.seed)
+    shape = replace(cfg, actors=engines, warp=replace(cfg.warp, runs=1))
+    specs = [spec for spec in group_specs(shape, []) if spec.role in ("engine", "reward")]
+    started = connect(cfg, specs)
+    placement = pool = None
     try:
+        placement = RunPlacement(specs, cfg.resources.placement_timeout_s)
+        reward = reward or make_reward(cfg.reward, placement_group=placement.get("reward"))
+        pool = ActorPool(cfg.model.path, engines, dtype=cfg.model.dtype, seed=cfg.seed,
+                         placement_groups=placement.engines(1))  # fmt: skip
         rows, samples, states = [], [], {}
         for version, candidate in enumerate(models, start=1):
             weights = ray.put(load_candidate(candidate, version, states))
@@ -102,7 +109,10 @@ def evaluate(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
             logp_sft = pool.score(table)
             rows.append(_row(candidate, table, logp - logp_sft))
     finally:
-        pool.shutdown()
+        if pool is not None:
+            pool.shutdown()
+        if placement is not None:
+            placement.remove()
         if started:
             ray.shutdown()
     result = pa.Table.from_pylist(rows)

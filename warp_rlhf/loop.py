@@ -4,15 +4,19 @@
         for each step t:   draw prompts → generate (run m's vLLM pool) → score → learner step → sync pool
         θ_slerp ← SLERP(θ_init, {θ_m}, λ);  θ_init ← LITI(θ_init, θ_slerp, η);  broadcast θ_init
 
-The M runs of an iteration run concurrently, one driver thread each, over their own Ray actors.
-Everything that crosses a process boundary is a FlatWeights put once in the object store, or an
-Arrow table. Resume state is written every ``warp.checkpoint_every`` steps and at iteration ends.
+The M runs of an iteration run concurrently, one driver thread each, over their own Ray actors, each
+learner and engine in its own placement group. Weights never pass through the driver: after a step
+the learner publishes them (into the object store, or broadcast by its rank 0 to the engines), and
+θ_init is the merger's result in the object store. Rollouts travel as Arrow tables. Resume state is
+written every ``warp.checkpoint_every`` steps and at iteration ends; where every actor ran is recorded
+in ``placement.json``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,32 +42,66 @@ class Run:
     pool: Any  # actors.ActorPool
     sampler: PromptSampler | None = None
     version: int = 0  # weights version the pool holds
-    latest: Any = None  # ObjectRef to the learner's weights at that version
 
 
 class Trainer:
     """Holds what one `warp-rlhf train` needs across iterations: config, outputs, actors, merger."""
 
-    def __init__(self, cfg: Config, out: RunDir, sft_dir: Path, prompts: list[str], progress: Any) -> None:
+    def __init__(
+        self, cfg: Config, out: RunDir, sft_dir: Path, prompts: list[str], progress: Any, placement: Any
+    ) -> None:
         from actors import make_reward
 
         self.cfg, self.out, self.sft_dir, self.prompts, self.progress = cfg, out, sft_dir, prompts, progress
-        self.reward = make_reward(cfg.reward)
+        self.placement = placement  # warp_rlhf.cluster.RunPlacement
+        self.reward = make_reward(cfg.reward, placement_group=placement.get("reward"))
         self.metrics = MetricsLog(out.metrics, out.root / "tensorboard" if cfg.output.tensorboard else None)
         self.runs: list[Run] = []
 
     def start_runs(self) -> None:
+        """Every run's learner ranks first (they start without waiting), then its engines; all in their groups."""
         from actors import ActorPool
         from learners import LearnerGroup
 
         cfg, dtype = self.cfg, self.cfg.model.dtype
-        for m in range(1, cfg.warp.runs + 1):
-            seed = cfg.seed + 7919 * m  # runs differ only by seed and prompt order
-            learner = LearnerGroup(
-                self.sft_dir, cfg.learners, beta=cfg.warp.beta, mu=cfg.warp.mu, dtype=dtype, seed=seed
-            )
-            pool = ActorPool(self.sft_dir, cfg.actors, dtype=dtype, seed=seed)
+        seeds = [cfg.seed + 7919 * m for m in range(1, cfg.warp.runs + 1)]  # runs differ only by seed and prompts
+        learners = [
+            LearnerGroup(
+                self.sft_dir,
+                cfg.learners,
+                beta=cfg.warp.beta,
+                mu=cfg.warp.mu,
+                dtype=dtype,
+                seed=seed,
+                placement_group=self.placement.learner(m),
+            )  # fmt: skip
+            for m, seed in enumerate(seeds, start=1)
+        ]
+        for m, (learner, seed) in enumerate(zip(learners, seeds, strict=True), start=1):
+            engines = self.placement.engines(m)
+            pool = ActorPool(self.sft_dir, cfg.actors, dtype=dtype, seed=seed, placement_groups=engines)
             self.runs.append(Run(m, learner, pool))
+        for run in self.runs:
+            run.learner.ready()
+
+    def record_placement(self) -> None:
+        """placement.json: node and process of every learner rank and engine, the rendezvous, the weight sender."""
+        from warp_rlhf.cluster import locate
+
+        runs = []
+        for run in self.runs:
+            ranks = locate(run.learner.ranks)
+            runs.append({
+                "run": run.index,
+                "master_addr": run.learner.master_addr,
+                "master_port": run.learner.master_port,
+                "learner_ranks": [dict(where, rank=r) for r, where in enumerate(ranks)],
+                "engines": [dict(where, engine=k) for k, where in enumerate(locate(run.pool.engines))],
+                "weight_transport": self.cfg.actors.weight_transport,
+                "weight_sender": run.learner.sender_info(),
+            })  # fmt: skip
+        record = {"driver_pid": os.getpid(), "runs": runs, "groups": self.placement.describe()}
+        write_atomic(self.out.root / "placement.json", json.dumps(record, indent=2))
 
     # ------------------------------------------------------------------------------------------------
     # One iteration
@@ -88,8 +126,7 @@ class Trainer:
             stats = run.learner.step(rollouts)
             learned = time.perf_counter()
             run.version += 1
-            run.latest = run.learner.weights_ref(run.version)
-            run.pool.sync(run.latest, run.version)
+            run.pool.sync(run.learner, run.version)  # the learner publishes: object store or its own broadcast
             timings = {"generate_s": generated - start, "learn_s": learned - generated,
                        "sync_s": time.perf_counter() - learned}  # fmt: skip
             samples.append(rollouts)
@@ -98,8 +135,7 @@ class Trainer:
                 self.checkpoint(run, i, t + 1, samples, first)
                 samples, first = [], t + 1
         self.write_samples(run, i, samples, first, steps - 1)
-        self.save_policy(run, final)
-        return run.latest
+        return self.save_policy(run, final)
 
     def reset_run(self, run: Run, i: int, init_ref: Any) -> int:
         """Policy and anchor to θ_init, or to the run's last step checkpoint; returns the next step."""
@@ -111,14 +147,13 @@ class Trainer:
             run.learner.load_state(state / "learner")
             run.sampler.restore(saved["sampler"])
             run.version = saved["version"]
-            run.latest = run.learner.weights_ref(run.version)
-            run.pool.sync(run.latest, run.version)
+            run.pool.sync(run.learner, run.version)
             log.info("run %d of iteration %d resumes at step %d", run.index, i, saved["step"])
             self.progress.update(saved["step"])
             return int(saved["step"])
         run.learner.load_init(init_ref)
-        run.version, run.latest = self.version_base(i), init_ref
-        run.pool.sync(init_ref, run.version)
+        run.version = self.version_base(i)
+        run.pool.sync(init_ref, run.version)  # already in the object store: one read per node
         return 0
 
     def version_base(self, i: int) -> int:
@@ -164,14 +199,15 @@ class Trainer:
         if self.cfg.output.save_samples and samples:
             write_parquet_atomic(self.out.samples(i, run.index, first, last), pa.concat_tables(samples))
 
-    def save_policy(self, run: Run, final: Path) -> None:
+    def save_policy(self, run: Run, final: Path) -> Any:
+        """The run's final policy as HF checkpoint; returns the ObjectRef the merger reads it from."""
         import ray
 
         from merger import save_hf
 
-        if run.latest is None:  # resumed at the last step: nothing was generated since the checkpoint
-            run.latest = run.learner.weights_ref(run.version)
-        save_hf(ray.get(run.latest), final, reference_dir=self.sft_dir, overwrite=True)
+        latest = run.learner.weights_ref(run.version)
+        save_hf(ray.get(latest), final, reference_dir=self.sft_dir, overwrite=True)
+        return latest
 
     # ------------------------------------------------------------------------------------------------
 
@@ -188,7 +224,7 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
     from tqdm import tqdm
 
     from merger import MergerService, load_flat
-    from warp_rlhf.cluster import connect
+    from warp_rlhf.cluster import RunPlacement, check_fits, connect
 
     out = RunDir(Path(cfg.output.dir))
     prompts = load_prompts(cfg.data.train, cfg.data.prompt_column, "train")  # bad input fails before any work
@@ -198,14 +234,17 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
     done = prepare_run_dir(out, cfg, resume=resume, force=force)
     log.info("outputs: %s (θ_sft = %s)", out.root.resolve(), sft_dir)
     started = connect(cfg)
-    total = sum(cfg.warp.steps_in(i) for i in range(1, cfg.warp.iterations + 1)) * cfg.warp.runs
-    finished = sum(cfg.warp.steps_in(i) for i in range(1, done + 1)) * cfg.warp.runs
-    progress = tqdm(total=total, initial=finished, desc="WARP", unit="step", dynamic_ncols=True)
-    trainer = Trainer(cfg, out, sft_dir, prompts, progress)
+    placement = trainer = None
     try:
+        placement = RunPlacement(check_fits(cfg), cfg.resources.placement_timeout_s)
+        total = sum(cfg.warp.steps_in(i) for i in range(1, cfg.warp.iterations + 1)) * cfg.warp.runs
+        finished = sum(cfg.warp.steps_in(i) for i in range(1, done + 1)) * cfg.warp.runs
+        progress = tqdm(total=total, initial=finished, desc="WARP", unit="step", dynamic_ncols=True)
+        trainer = Trainer(cfg, out, sft_dir, prompts, progress, placement)
         trainer.metrics.keep(lambda row: row["iteration"] <= done or _before_checkpoint(out, row))
         trainer.start_runs()
-        merger = MergerService(cfg, sft_dir)
+        trainer.record_placement()
+        merger = MergerService(cfg, sft_dir, placement_group=placement.get("merger"))
         init_ref = ray.put(load_flat(out.init(done) if done else sft_dir))  # θ_init, in the object store
         for i in range(done + 1, cfg.warp.iterations + 1):
             progress.set_description(f"WARP iteration {i}/{cfg.warp.iterations}")
@@ -216,10 +255,14 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
             trainer.metrics.flush()
             shutil.rmtree(out.state / f"iter-{i}", ignore_errors=True)
             log.info("iteration %d merged: %s, %s", i, out.slerp(i), out.init(i))
+        trainer.record_placement()  # again: now with the weight senders' broadcast counts
         progress.close()
         merger.shutdown()
     finally:
-        trainer.shutdown()
+        if trainer is not None:
+            trainer.shutdown()
+        if placement is not None:
+            placement.remove()
         if started:
             ray.shutdown()
     return out.root

@@ -1,71 +1,133 @@
-"""Weight transports: bucketed gloo broadcast, and a 2-engine pool synced through the collective transport."""
+"""Weight transports: the bucket plan, a streamed gloo broadcast, and a 2-engine pool fed by a real learner's rank 0."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import threading
 
 import numpy as np
 import pytest
 
-from actors.transport import WeightSender, open_group, receive_buffer
-from merger.flat import FlatWeights, TensorSpec
+from actors.broadcast import BroadcastSender, ReceiveStats, bucket_plan, open_group, receive_stream
+from merger.flat import TensorSpec, allocate
 
 from .conftest import PROMPTS, hf_greedy, random_weights
 
+BUCKET_MB = 0.25  # the tiny model (1.4 MB) then travels in 6 buckets
 
-def test_bucketed_broadcast_delivers_every_byte():
-    data = np.random.default_rng(0).integers(0, 256, size=10_007, dtype=np.uint8)
-    weights = FlatWeights(data, (TensorSpec("w", "uint8", (10_007,), 0, 10_007),))
-    sender = WeightSender(world_size=2, bucket_bytes=1000, timeout_s=30)
-    received = {}
+
+def _specs(sizes: list[int]) -> tuple[TensorSpec, ...]:
+    return allocate((f"t{i}", "uint8", (n,), n) for i, n in enumerate(sizes)).specs
+
+
+def test_bucket_plan_keeps_tensors_whole_and_buckets_bounded():
+    specs = _specs([300, 300, 500, 1200, 100, 100])
+    plan = bucket_plan(specs, bucket_bytes=1000)
+    assert [[s.name for s in bucket] for bucket in plan] == [["t0", "t1"], ["t2"], ["t3"], ["t4", "t5"]]
+    assert [s for bucket in plan for s in bucket] == list(specs)  # every tensor once, in order
+    assert all(sum(s.nbytes for s in b) <= 1000 or len(b) == 1 for b in plan)  # only a lone big tensor exceeds
+
+
+def test_streamed_broadcast_delivers_every_tensor_within_two_buckets():
+    rng = np.random.default_rng(0)
+    sizes = [700, 900, 2500, 300, 800, 650]
+    specs = _specs(sizes)
+    data = {s.name: rng.integers(0, 256, size=s.nbytes, dtype=np.uint8) for s in specs}
+    sender = BroadcastSender("127.0.0.1", world_size=2, backend="gloo", bucket_bytes=1000, timeout_s=30)
+    received, stats = {}, ReceiveStats()
 
     def receiver():
         group = open_group(*sender.address, rank=1, world_size=2, backend="gloo", timeout_s=30)
-        received["buffer"] = receive_buffer(group, weights.nbytes, bucket_bytes=1000).numpy()
+        for name, tensor in receive_stream(group, specs, 1000, stats):
+            received[name] = tensor.numpy().copy()  # consumed like vLLM's loader: copied, then dropped
 
     thread = threading.Thread(target=receiver)
     thread.start()
     sender.connect()
-    sender.send(weights)
+    import torch
+
+    sender.send(specs, ((name, torch.from_numpy(array)) for name, array in data.items()))
     thread.join(timeout=30)
     sender.close()
-    np.testing.assert_array_equal(received["buffer"], data)
+    for name, array in data.items():
+        np.testing.assert_array_equal(received[name], array)
+    assert stats.received_bytes == sum(sizes) and stats.buckets == len(bucket_plan(specs, 1000))
+    assert stats.largest_bucket == 2500  # the lone big tensor
+    assert stats.peak_bytes <= 2500 + 1000  # never more than the current bucket and one more
+    assert stats.live_bytes == 0
+
+
+def test_sender_refuses_tensors_out_of_plan():
+    import torch
+
+    specs = _specs([10, 10])
+    sender = BroadcastSender("127.0.0.1", world_size=1, backend="gloo", bucket_bytes=100, timeout_s=10)
+    sender.connect()
+    with pytest.raises(RuntimeError, match="out of order"):
+        sender.send(specs, [("t1", torch.zeros(10, dtype=torch.uint8)), ("t0", torch.zeros(10, dtype=torch.uint8))])
 
 
 @pytest.fixture(scope="module")
-def collective_pool(ray_cluster, tiny_model_dir, actors_cfg):
-    import dataclasses
-
+def learner_and_pool(ray_cluster, tiny_model_dir, actors_cfg):
+    """A real 1-rank learner (the sender) and a 2-engine pool on the collective transport."""
     from actors.pool import ActorPool
+    from learners.group import LearnerGroup
+    from warp_rlhf.config import LearnersConfig
 
-    cfg = dataclasses.replace(actors_cfg, weight_transport="collective", bucket_mb=1, engines_per_run=2)
+    learner = LearnerGroup(tiny_model_dir, LearnersConfig(num_cpus=1, warmup_steps=0), beta=0.1, mu=0.01,
+                           dtype="float32")  # fmt: skip
+    cfg = dataclasses.replace(actors_cfg, weight_transport="collective", bucket_mb=BUCKET_MB, engines_per_run=2)
     pool = ActorPool(tiny_model_dir, cfg, dtype="float32", seed=0)
-    yield pool
+    learner.ready()
+    yield learner, pool
     pool.shutdown()
+    learner.shutdown()
+
+
+def _learner_holds(learner, model_dir, seed):
+    model, flat = random_weights(model_dir, seed=seed)
+    learner.load_init(flat)
+    return model, flat
 
 
 @pytest.mark.ray
 @pytest.mark.vllm
-def test_collective_sync_matches_transformers(collective_pool):
+def test_learner_rank0_broadcasts_to_every_engine(learner_and_pool, tiny_model_dir):
+    import ray
+
+    learner, pool = learner_and_pool
     for version, seed in ((7, 21), (8, 22)):  # the second sync reuses the group
-        model, flat = random_weights(collective_pool.model_dir, seed=seed)
-        collective_pool.sync(flat, version=version)
-        assert collective_pool.versions() == [version, version]
-        table = collective_pool.generate(PROMPTS, n=1, temperature=0.0)
+        model, flat = _learner_holds(learner, tiny_model_dir, seed)
+        pool.sync(learner, version=version)
+        assert pool.versions() == [version, version]
+        table = pool.generate(PROMPTS, n=1, temperature=0.0)
         assert set(table.column("version").to_pylist()) == {version}
         for row in table.to_pylist():
             assert row["completion_ids"] == hf_greedy(model, row["prompt_ids"])
+    sender = learner.sender_info()
+    rank0_pid = ray.get(learner.ranks[0].__ray_call__.remote(lambda _self: os.getpid()))
+    assert sender["pid"] == rank0_pid != os.getpid()  # the learner sent, not this (driver) process
+    assert sender["broadcasts"] == 2 and sender["address"].startswith(learner.master_addr + ":")
+    # Streamed: every engine worker held at most about two buckets beside its model, never the model.
+    bucket = int(BUCKET_MB * (1 << 20))
+    for stats in ray.get([e.last_receive_stats.remote() for e in pool.engines]):
+        (worker,) = stats
+        assert worker["bytes"] == sum(spec.nbytes for spec in flat.specs)
+        assert worker["buckets"] >= 5 and worker["largest_bucket"] <= bucket
+        assert worker["peak_bytes"] <= 2 * bucket < flat.nbytes
 
 
 @pytest.mark.ray
 @pytest.mark.vllm
-def test_collective_sync_survives_a_dead_engine(collective_pool, ray_cluster):
-    model, flat = random_weights(collective_pool.model_dir, seed=23)
-    ray_cluster.kill(collective_pool.engines[1], no_restart=True)
-    collective_pool.sync(flat, version=9)  # broken broadcast: replace, reload through the object store
-    assert collective_pool.versions() == [9, 9]
-    model, flat = random_weights(collective_pool.model_dir, seed=24)
-    collective_pool.sync(flat, version=10)  # the group is re-formed with the new engine
-    table = collective_pool.generate(PROMPTS, n=1, temperature=0.0)
+def test_collective_sync_survives_a_dead_engine(learner_and_pool, tiny_model_dir, ray_cluster):
+    learner, pool = learner_and_pool
+    _learner_holds(learner, tiny_model_dir, 23)
+    ray_cluster.kill(pool.engines[1], no_restart=True)
+    pool.sync(learner, version=9)  # broken broadcast: replace, reload through the object store
+    assert pool.versions() == [9, 9]
+    model, _ = _learner_holds(learner, tiny_model_dir, 24)
+    pool.sync(learner, version=10)  # the group is re-formed with the new engine
+    table = pool.generate(PROMPTS, n=1, temperature=0.0)
     for row in table.to_pylist():
         assert row["completion_ids"] == hf_greedy(model, row["prompt_ids"])

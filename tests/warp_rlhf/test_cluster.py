@@ -1,8 +1,12 @@
-"""Cluster runs: cluster.yaml against Ray's own schema, and `ray job submit` of the smoke config to a real head.
+"""Cluster runs: cluster.yaml against Ray's own schema, and `ray job submit` to a simulated multi-node cluster.
 
-The head node is this test's own (`ray start --head --block` on its own ports and temp directory, a random
-auth token) and is stopped through that one process: never `ray stop`, which would kill every Ray process on
-the machine, including other test sessions'.
+The cluster is this test's own, shaped like cluster.yaml in miniature: a head on 127.0.0.1 (driver, merger),
+two "learner" nodes (custom resource `learner_node`) on 127.0.0.2 and 127.0.0.3 and a "rollout" node
+(`rollout_node`) on 127.0.0.4, each a `ray start --block` process with its own address, ports and resources
+and a random auth token. It is stopped through those processes only: never `ray stop`, which would kill
+every Ray process on the machine, including other test sessions'. What the tests assert about placement
+comes from Ray's own state (`ray list actors/nodes/placement-groups`), cross-checked with the run's
+placement.json.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -58,23 +62,7 @@ def test_cluster_yaml_keeps_job_api_private_and_installs_gpu_extra() -> None:
     assert config["file_mounts"]["~/warp-rlhf"] == "."
 
 
-def test_cluster_yaml_holds_the_gpu_preset() -> None:
-    from warp_rlhf.cluster import required_resources
-    from warp_rlhf.config import load_config
-
-    config = _cluster_yaml()
-    have = {"CPU": 0, "GPU": 0}
-    for name, node in config["available_node_types"].items():
-        count = 1 if name == config["head_node_type"] else node["min_workers"]
-        assert name == config["head_node_type"] or node["min_workers"] == node["max_workers"]  # all up at start
-        for key in have:
-            have[key] += count * node["resources"].get(key, 0)
-    need = required_resources(load_config(ROOT / "configs" / "gpu-7b.yaml", []))
-    assert need["CPU"] <= have["CPU"] and need["GPU"] <= have["GPU"], (need, have)
-    assert config["available_node_types"][config["head_node_type"]]["resources"]["GPU"] == 0
-
-
-# --- a real head node and `ray job submit` -------------------------------------------------------------------
+# --- a simulated multi-node cluster and `ray job submit` ---------------------------------------------------------
 
 
 @dataclass
@@ -84,6 +72,17 @@ class Head:
     dashboard: str  # http://127.0.0.1:<port>
     gcs_port: int
     env: dict[str, str]  # what `ray` clients need: this environment first on PATH, the token
+    workers: list[subprocess.Popen] = field(default_factory=list)
+
+
+# (address, CPUs, custom resources): cluster.yaml's node types in miniature. The learner nodes differ in
+# size so that one test's learner fits one node (STRICT_PACK) and another's must span two (PACK).
+WORKER_NODES = [
+    ("127.0.0.2", 2, {"learner_node": 1}),
+    ("127.0.0.3", 1, {"learner_node": 1}),
+    ("127.0.0.4", 2, {"rollout_node": 1}),
+]
+NODE_ROLES = ["resources.learner_resource=learner_node", "resources.rollout_resource=rollout_node"]
 
 
 def _free_ports(n: int) -> list[int]:
@@ -115,8 +114,8 @@ def _start_head(temp_dir: Path, log: Path) -> Head:
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     env.pop("RAY_ADDRESS", None)
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--port", str(gcs), "--dashboard-host", "127.0.0.1"]
-    cmd += ["--dashboard-port", str(dashboard), "--ray-client-server-port", str(client)]
-    cmd += ["--dashboard-agent-listen-port", str(agent), "--temp-dir", str(temp_dir), "--num-cpus", "4"]
+    cmd += ["--node-ip-address", "127.0.0.1", "--dashboard-port", str(dashboard), "--ray-client-server-port"]
+    cmd += [str(client), "--dashboard-agent-listen-port", str(agent), "--temp-dir", str(temp_dir), "--num-cpus", "2"]
     cmd += ["--num-gpus", "0", "--disable-usage-stats"]
     with open(log, "w") as sink:
         process = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
@@ -132,13 +131,44 @@ def _start_head(temp_dir: Path, log: Path) -> Head:
     pytest.fail(f"head not up after {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
 
 
+def _add_workers(head: Head, logs: Path) -> None:
+    """Start WORKER_NODES (each its own address and ports) and wait until Ray lists all four nodes alive."""
+    for address, cpus, resources in WORKER_NODES:
+        agent, grpc, metrics, runtime_env = _free_ports(4)
+        cmd = [str(BIN / "ray"), "start", "--block", "--address", f"127.0.0.1:{head.gcs_port}", "--node-ip-address"]
+        cmd += [address, "--num-cpus", str(cpus), "--num-gpus", "0", "--resources", json.dumps(resources)]
+        cmd += ["--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(grpc)]
+        cmd += ["--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(runtime_env)]
+        cmd += ["--disable-usage-stats"]
+        with open(logs / f"node-{address}.log", "w") as sink:
+            head.workers.append(
+                subprocess.Popen(cmd, env=head.env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+            )
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        alive = [n for n in _state(head, "nodes") if n["state"] == "ALIVE"]
+        if len(alive) == 1 + len(WORKER_NODES):
+            return
+        time.sleep(2)
+    pytest.fail(f"only {len(alive)} of {1 + len(WORKER_NODES)} nodes alive after {START_TIMEOUT_S} s")
+
+
+def _state(head: Head, kind: str) -> list[dict]:
+    """Ray's own state (`ray list <kind> --detail`), dead actors and removed groups included."""
+    cmd = ["list", kind, "--address", head.dashboard, "--detail", "--format", "json", "--limit", "10000"]
+    result = _ray(head, *cmd, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout)
+
+
 def _stop_head(head: Head) -> None:
     """SIGTERM `ray start --block` alone (it drains and stops its daemons), then SIGKILL any straggler."""
     marker = f"RAY_AUTH_TOKEN={head.env['RAY_AUTH_TOKEN']}"
-    if head.process.poll() is None:
-        head.process.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            head.process.wait(timeout=90)
+    for process in [*head.workers, head.process]:  # workers first: they drain towards a live head
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=90)
     for _ in range(3):  # workers may be mid-spawn; kill only processes carrying this head's token
         leftovers = _processes_with(marker)
         if not leftovers:
@@ -163,6 +193,7 @@ def head() -> Iterator[Head]:
     temp_dir = Path(tempfile.mkdtemp(prefix="wr-ray-", dir="/tmp"))
     head = _start_head(temp_dir, temp_dir / "head.log")
     try:
+        _add_workers(head, temp_dir)
         yield head
     finally:
         _stop_head(head)
@@ -186,17 +217,46 @@ def _status(head: Head, job_id: str) -> str:
         return json.load(response)["status"]
 
 
+def _nodes_with(head: Head, resource: str) -> dict[str, str]:
+    """node id → address of the alive nodes that declare ``resource``."""
+    return {n["node_id"]: n["node_ip"] for n in _state(head, "nodes") if resource in n["resources_total"]}
+
+
+def _actors(head: Head, class_name: str) -> dict[int, dict]:
+    """pid → Ray's record of every actor of ``class_name`` (alive or dead) in the cluster."""
+    return {a["pid"]: a for a in _state(head, "actors") if a["class_name"] == class_name}
+
+
 @pytest.mark.ray
 @pytest.mark.vllm
-def test_job_submit_trains_smoke_config(head: Head, tmp_path: Path) -> None:
+def test_job_submit_trains_on_a_multi_node_cluster(head: Head, tmp_path: Path) -> None:
+    """Smoke config, each run a 2-rank learner and 2 engines, weights broadcast by the learner over gloo."""
     out = tmp_path / "run"
-    result = _submit(head, "warp-smoke", f"output.dir={out}")
+    shape = ["learners.ranks=2", "actors.engines_per_run=2", "actors.weight_transport=collective"]
+    result = _submit(head, "warp-smoke", f"output.dir={out}", *shape, "actors.bucket_mb=0.25", *NODE_ROLES)
     assert _status(head, "warp-smoke") == "SUCCEEDED", result.stdout[-4000:] + result.stderr[-2000:]
     assert result.returncode == 0
     for i in (1, 2):
         for sub in ("run-1", "run-2", "slerp", "init"):
             assert (out / f"iter-{i}" / sub / "model.safetensors").is_file(), f"iter-{i}/{sub}"
     assert (out / "metrics.parquet").is_file() and (out / "config.yaml").is_file()
+
+    learner_nodes, rollout_nodes = _nodes_with(head, "learner_node"), _nodes_with(head, "rollout_node")
+    ranks, engines = _actors(head, "LearnerRank"), _actors(head, "GenerationEngine")
+    record = json.loads((out / "placement.json").read_text())
+    assert len(record["runs"]) == 2
+    for run in record["runs"]:
+        rank_nodes = {ranks[r["pid"]]["node_id"] for r in run["learner_ranks"]}  # Ray's record of those processes
+        assert len(rank_nodes) == 1 and rank_nodes <= set(learner_nodes), run  # one learner node per learner
+        (node,) = rank_nodes
+        assert run["master_addr"] == learner_nodes[node] != "127.0.0.1"  # rendezvous at rank 0's own node
+        assert {engines[e["pid"]]["node_id"] for e in run["engines"]} <= set(rollout_nodes)
+        sender = run["weight_sender"]
+        assert sender["pid"] == run["learner_ranks"][0]["pid"] != record["driver_pid"]  # the learner sent
+        assert sender["address"].startswith(f"{run['master_addr']}:") and sender["broadcasts"] >= 2
+    groups = {g["name"]: g for g in _state(head, "placement-groups") if g["name"].startswith("warp:")}
+    assert {groups[f"warp:run-{m}/learner"]["strategy"] for m in (1, 2)} == {"STRICT_PACK"}
+    assert all(g["state"] == "REMOVED" for g in groups.values()), groups  # released at the end of the run
     # The working directory went up without what .gitignore names (the virtualenv, caches, runs).
     unpacked = head.temp_dir / "session_latest" / "runtime_resources" / "working_dir_files"
     (package,) = [p for p in unpacked.glob("_ray_pkg_*") if p.is_dir()]  # beside it: the downloaded zip
@@ -206,12 +266,33 @@ def test_job_submit_trains_smoke_config(head: Head, tmp_path: Path) -> None:
 
 
 @pytest.mark.ray
-def test_too_small_cluster_fails_fast_naming_what_is_missing(head: Head, tmp_path: Path) -> None:
+@pytest.mark.vllm
+def test_a_learner_bigger_than_any_node_spans_two_nodes(head: Head, tmp_path: Path) -> None:
+    """3 ranks of 1 CPU: no learner node has 3 CPUs, both together do; the ranks rendezvous at rank 0's node."""
+    out = tmp_path / "run"
+    shape = ["warp.runs=1", "warp.iterations=1", "learners.ranks=3", "learners.num_cpus=1"]
+    result = _submit(head, "warp-span", f"output.dir={out}", *shape, *NODE_ROLES)
+    assert _status(head, "warp-span") == "SUCCEEDED", result.stdout[-4000:] + result.stderr[-2000:]
+    assert (out / "iter-1" / "init" / "model.safetensors").is_file()
+    (run,) = json.loads((out / "placement.json").read_text())["runs"]
+    ranks, learner_nodes = _actors(head, "LearnerRank"), _nodes_with(head, "learner_node")
+    nodes = [ranks[r["pid"]]["node_id"] for r in run["learner_ranks"]]
+    assert len(set(nodes)) == 2 and set(nodes) <= set(learner_nodes)
+    assert run["master_addr"] == learner_nodes[nodes[0]]  # every rank joined rank 0's node
+    groups = {g["name"]: g for g in _state(head, "placement-groups")}
+    assert groups["warp:run-1/learner"]["strategy"] == "PACK"
+
+
+@pytest.mark.ray
+def test_a_learner_bigger_than_the_cluster_fails_before_any_actor(head: Head, tmp_path: Path) -> None:
+    before = len(_actors(head, "LearnerRank"))
     started = time.monotonic()
-    result = _submit(head, "warp-gpus", "actors.num_gpus=1", f"output.dir={tmp_path / 'run'}")
+    shape = ["warp.runs=1", "learners.ranks=4", "learners.num_cpus=1"]
+    result = _submit(head, "warp-big", f"output.dir={tmp_path / 'run'}", *shape, *NODE_ROLES)
     elapsed = time.monotonic() - started
-    assert _status(head, "warp-gpus") == "FAILED" and result.returncode != 0
-    logs = _ray(head, "job", "logs", "warp-gpus", timeout=60).stdout
-    assert "too small for this config" in logs and "2 GPUs (cluster has 0)" in logs, logs[-3000:]
+    assert _status(head, "warp-big") == "FAILED" and result.returncode != 0
+    logs = _ray(head, "job", "logs", "warp-big", timeout=60).stdout
+    assert "cannot hold this run" in logs and "run-1/learner" in logs, logs[-3000:]
     assert elapsed < 120, f"took {elapsed:.0f} s: the check must run before any actor waits for resources"
+    assert len(_actors(head, "LearnerRank")) == before  # no rank was ever started
     assert not (tmp_path / "run" / "iter-1").exists()

@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from warp_rlhf.cluster import ClusterError, check_resources, required_resources
 from warp_rlhf.config import config_from_dict
 from warp_rlhf.outputs import RunDir
 from warp_rlhf.resume import ResumeError, prepare_run_dir
@@ -38,15 +37,6 @@ def test_non_empty_directory_without_a_run_is_refused(tmp_path: Path) -> None:
     cfg = config_from_dict({}, [f"output.dir={tmp_path}"])
     with pytest.raises(ResumeError, match="not empty and holds no run"):
         prepare_run_dir(RunDir(tmp_path), cfg, resume=False, force=False)
-
-
-def test_cluster_check_names_missing_resources() -> None:
-    cfg = config_from_dict({}, ["learners.num_gpus=1", "learners.ranks=2"])
-    need = required_resources(cfg)
-    assert need == {"CPU": 2 * (1 + 2) + 1, "GPU": 4}
-    with pytest.raises(ClusterError, match=r"needs 4 GPUs \(cluster has 0\)"):
-        check_resources(need, {"CPU": 16.0})
-    check_resources(need, {"CPU": 7.0, "GPU": 4.0})
 
 
 @pytest.mark.parametrize(
