@@ -1,16 +1,24 @@
 """The EMA anchor θ_ema of one RL run: its update rule, its log-probabilities, its reset and its state.
 
-Owns a plain (non-DeepSpeed) copy of the policy module and an fp32 accumulator per parameter. The
-accumulator is fp32 whatever the model dtype: with μ = 0.01 and lr = 1e-6, μ(θ − θ_ema) is far below
+Two layouts, one interface (``reset``, ``update``, ``sequence_logprobs``, ``state_dict``,
+``load_state_dict``, ``local_bytes``, ``gathered``):
+
+- :class:`EmaAnchor` (ZeRO 0-2): a plain full copy of the policy module on every rank, plus an fp32
+  accumulator per parameter, updated from the policy's full parameters.
+- :class:`PartitionedAnchor` (ZeRO-3): an inference-only DeepSpeed ZeRO-3 module partitioned exactly
+  like the policy, so each rank holds 1/R of θ_ema (its fp32 accumulator shard plus the model-dtype
+  shard the forward gathers layer by layer). The update is elementwise on local shards: no gather.
+
+The accumulator is fp32 whatever the model dtype: with μ = 0.01 and lr = 1e-6, μ(θ − θ_ema) is far below
 bf16's resolution and a bf16 EMA would never move. The module the anchor scores with holds the
-accumulator cast to the model dtype (for fp32 models it *is* the accumulator, no second copy).
-The learner feeds it full (gathered) policy parameters, so ZeRO partitioning never reaches here.
-Imports torch only; never DeepSpeed, Ray or vLLM.
+accumulator rounded to the model dtype (for fp32 models it *is* the accumulator, no second copy).
+Imports torch; deepspeed only inside the partitioned anchor; never Ray or vLLM.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -23,12 +31,16 @@ def ema_update_(ema: torch.Tensor, param: torch.Tensor, mu: float) -> None:
     ema.lerp_(param.to(device=ema.device, dtype=ema.dtype), mu)
 
 
+def _check_mu(mu: float) -> None:
+    if not 0 < mu <= 1:
+        raise ValueError(f"EMA rate mu = {mu!r}: must be in (0, 1]")
+
+
 class EmaAnchor:
-    """θ_ema as a frozen module plus fp32 accumulators keyed by HF parameter name."""
+    """θ_ema as a frozen full module plus fp32 accumulators keyed by HF parameter name."""
 
     def __init__(self, module: torch.nn.Module, mu: float, device: torch.device | str = "cpu") -> None:
-        if not 0 < mu <= 1:
-            raise ValueError(f"EMA rate mu = {mu!r}: must be in (0, 1]")
+        _check_mu(mu)
         self.mu = mu
         self.device = torch.device(device)
         self.module = module.to(self.device).eval().requires_grad_(False)
@@ -47,16 +59,20 @@ class EmaAnchor:
         for name, tensor in named_tensors:
             self.ema[name].copy_(tensor)
             seen.add(name)
-        missing = set(self.ema) - seen
-        if missing:
-            raise KeyError(f"anchor reset is missing {len(missing)} parameters, e.g. {sorted(missing)[:3]}")
+        _check_complete(self.ema, seen)
         self._sync_module()
         self.updates = 0
 
     @torch.no_grad()
-    def update(self, named_params: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """One EMA step towards the policy's current full parameters (call after every optimizer step)."""
-        for name, param in named_params:
+    def update(self, policy: torch.nn.Module | Iterable[tuple[str, torch.Tensor]]) -> None:
+        """One EMA step towards the policy's current parameters (call after every optimizer step).
+
+        ``policy``: the policy module (its full parameters are read, gathered under ZeRO) or (name, tensor) pairs.
+        """
+        from learners.distributed import full_parameters
+
+        pairs = full_parameters(policy) if isinstance(policy, torch.nn.Module) else policy
+        for name, param in pairs:
             ema_update_(self.ema[name], param, self.mu)
         self._sync_module()
         self.updates += 1
@@ -77,9 +93,125 @@ class EmaAnchor:
         batch = (t.to(self.device) for t in (input_ids, attention_mask, completion_mask))
         return sequence_logprobs(self.module, *batch).to(out_device)
 
+    def local_bytes(self) -> int:
+        """Bytes of every tensor this rank holds for the anchor (module copy and accumulators, once each)."""
+        tensors = {id(t): t for t in [*self.ema.values(), *(p.data for p in self.params.values())]}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def gathered(self) -> dict[str, torch.Tensor]:
+        """The full fp32 θ_ema (here: the accumulators themselves, on CPU)."""
+        return self.state_dict()
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: t.detach().cpu() for name, t in self.ema.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor], updates: int = 0) -> None:
         self.reset(state.items())
         self.updates = updates
+
+
+class PartitionedAnchor:
+    """θ_ema as an inference-only DeepSpeed ZeRO-3 module, partitioned like the policy; fp32 shards alongside.
+
+    ``module`` is a fresh copy of the policy's architecture (its weights are replaced by ``reset``);
+    ``ds_config`` is the policy's ZeRO-3 config, used without an optimizer. Every rank of the learner
+    must call ``sequence_logprobs``, ``reset``, ``gathered`` the same number of times: they gather.
+    ``update``, ``state_dict`` and ``load_state_dict`` are local to the rank.
+    """
+
+    def __init__(self, module: torch.nn.Module, mu: float, ds_config: dict[str, Any]) -> None:
+        import deepspeed
+
+        _check_mu(mu)
+        self.mu = mu
+        module.eval().requires_grad_(False)
+        self.engine, *_ = deepspeed.initialize(model=module, config=ds_config)
+        self.module = self.engine.module
+        self.params = dict(self.module.named_parameters())
+        # The local partition of each parameter, flat (ceil(numel / R),), and its fp32 accumulator.
+        self.ema: dict[str, torch.Tensor] = {
+            name: p.ds_tensor.data if p.dtype == torch.float32 else p.ds_tensor.data.float()
+            for name, p in self.params.items()
+        }
+        self._rounded = [name for name, p in self.params.items() if p.dtype != torch.float32]
+        self.device = next(iter(self.ema.values())).device
+        self.updates = 0
+
+    @torch.no_grad()
+    def reset(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """θ_ema ← θ_init from full tensors; collective (each parameter is gathered, written, re-partitioned)."""
+        import deepspeed
+
+        given = dict(named_tensors)
+        _check_complete(self.ema, set(given))
+        for name, param in self.params.items():
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                param.data.copy_(given[name])  # rank 0's copy is kept and scattered on exit
+            self.ema[name].copy_(param.ds_tensor.data)
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, policy: torch.nn.Module) -> None:
+        """One EMA step on this rank's shards only: the policy is partitioned the same way (same R, shapes)."""
+        for (name, param), (policy_name, policy_param) in zip(
+            self.params.items(), policy.named_parameters(), strict=True
+        ):
+            if name != policy_name or param.ds_tensor.numel() != policy_param.ds_tensor.numel():
+                raise RuntimeError(f"anchor parameter {name!r} is not partitioned like the policy's {policy_name!r}")
+            ema_update_(self.ema[name], policy_param.ds_tensor.data, self.mu)
+        for name in self._rounded:
+            self.params[name].ds_tensor.data.copy_(self.ema[name])
+        self.updates += 1
+
+    @torch.no_grad()
+    def sequence_logprobs(
+        self,
+        input_ids: torch.Tensor,  # (B, L)
+        attention_mask: torch.Tensor,  # (B, L)
+        completion_mask: torch.Tensor,  # (B, L)
+    ) -> torch.Tensor:
+        """log π_ema(y|x) (B,); ZeRO-3 gathers each layer's parameters for the forward and releases them."""
+        return sequence_logprobs(self.engine, input_ids, attention_mask, completion_mask)
+
+    def local_bytes(self) -> int:
+        tensors = {id(t): t for t in [*self.ema.values(), *(p.ds_tensor.data for p in self.params.values())]}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    @torch.no_grad()
+    def gathered(self) -> dict[str, torch.Tensor]:
+        """The full fp32 θ_ema on CPU, assembled from every rank's shards (collective; tests and debugging)."""
+        import torch.distributed as dist
+
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        full = {}
+        for name, param in self.params.items():
+            shard = self.ema[name].float().contiguous()
+            parts = [torch.empty_like(shard) for _ in range(world)]
+            if world > 1:
+                dist.all_gather(parts, shard)
+            else:
+                parts = [shard]
+            full[name] = torch.cat(parts)[: param.ds_numel].view(param.ds_shape).cpu()
+        return full
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's fp32 shards (resume needs the same ranks and ZeRO stage, as DeepSpeed's checkpoint does)."""
+        return {name: t.detach().float().cpu() for name, t in self.ema.items()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor], updates: int = 0) -> None:
+        _check_complete(self.ema, set(state))
+        for name, shard in state.items():
+            if shard.numel() != self.ema[name].numel():
+                raise ValueError(f"anchor shard {name!r} has {shard.numel()} elements, this rank holds "
+                                 f"{self.ema[name].numel()}: resume needs the same learner ranks")  # fmt: skip
+            self.ema[name].copy_(shard)
+        for name in self._rounded:
+            self.params[name].ds_tensor.data.copy_(self.ema[name])
+        self.updates = updates
+
+
+def _check_complete(expected: dict[str, torch.Tensor], given: set[str]) -> None:
+    missing = set(expected) - given
+    if missing:
+        raise KeyError(f"anchor is missing {len(missing)} parameters, e.g. {sorted(missing)[:3]}")

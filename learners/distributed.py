@@ -56,13 +56,17 @@ def init_process_group(rank: int, world_size: int, master_addr: str, master_port
 
 def deepspeed_config(cfg: LearnersConfig, dtype: str, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config: gradient accumulation is ours (explicit boundaries), so its GA count is 1."""
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.zero_stage == 3:
+        # Parameters smaller than this stay whole on every rank (DeepSpeed's default 1e5): set 0 to partition all.
+        zero["stage3_param_persistence_threshold"] = cfg.zero3_persistence_threshold
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": 1,
         "train_batch_size": cfg.micro_batch_size * world_size,
         "gradient_clipping": cfg.grad_clip,
         "bf16": {"enabled": dtype == "bfloat16"},
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": zero,
         "steps_per_print": 2**31 - 1,  # we log our own metrics
         "wall_clock_breakdown": False,
     }
@@ -111,3 +115,17 @@ def full_parameters(module: torch.nn.Module, modify: bool = False) -> Iterator[t
         )
         with context:
             yield name, param.data
+
+
+def master_parameters(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, full fp32 master weight) pairs from DeepSpeed's optimizer, whatever the ZeRO stage.
+
+    DeepSpeed keeps the fp32 copy of a bf16 model partitioned (ZeRO 1-3) or flat (its bf16 optimizer);
+    ``safe_get_full_fp32_param`` assembles one parameter at a time, collectively: every rank must
+    iterate to the end. A parameter without a master copy (an fp32 model) yields itself.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    for name, param in module.named_parameters():
+        master = safe_get_full_fp32_param(param)
+        yield name, (master if master is not None else param.data)

@@ -84,26 +84,29 @@ class LearnerGroup:
 
         return PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=index)
 
-    def step(self, rollouts: pa.Table) -> dict[str, Any]:
+    def step(self, rollouts: pa.Table, timeout_s: float | None = None) -> dict[str, Any]:
         """One update on the global batch: whole prompt groups per rank, metrics merged over ranks."""
         import ray
 
         parts = split_groups(rollouts.column("group_id").to_numpy(), len(self.ranks))
-        metrics = ray.get([rank.step.remote(rollouts.take(rows)) for rank, rows in zip(self.ranks, parts, strict=True)])
-        return merge_metrics(metrics)
+        refs = [rank.step.remote(rollouts.take(rows)) for rank, rows in zip(self.ranks, parts, strict=True)]
+        return merge_metrics(ray.get(refs, timeout=timeout_s))
 
-    def weights_ref(self, version: int | None = None) -> ray.ObjectRef:
-        """An ObjectRef to the full weights (FlatWeights), produced by rank 0: ``ray.get`` it or pass it on."""
+    def weights_ref(self, version: int | None = None, master: bool = False) -> ray.ObjectRef:
+        """An ObjectRef to the full weights (FlatWeights), produced by rank 0: ``ray.get`` it or pass it on.
+
+        Model dtype for engines; ``master`` gives the optimizer's fp32 master weights (the final policy).
+        """
         import ray
 
-        refs = [rank.weights.remote(version) for rank in self.ranks]  # all ranks: ZeRO-3 gathers are collective
+        refs = [rank.weights.remote(version, master) for rank in self.ranks]  # all ranks: the gathers are collective
         ray.get(refs[1:])  # Nones, but their errors must surface
         return refs[0]
 
-    def weights(self, version: int | None = None) -> FlatWeights:
+    def weights(self, version: int | None = None, master: bool = False) -> FlatWeights:
         import ray
 
-        return ray.get(self.weights_ref(version))
+        return ray.get(self.weights_ref(version, master))
 
     def load_init(self, weights: FlatWeights | ray.ObjectRef) -> None:
         """Reset every rank to θ_init (policy, anchor, Adam, warm-up); a ref is fetched once per node."""

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from actors.rollout import to_tensors
-from learners.anchor import EmaAnchor
+from learners.anchor import EmaAnchor, PartitionedAnchor
 from learners.batching import pack_micro_batches
 from learners.distributed import (
     deepspeed_config,
@@ -30,6 +30,7 @@ from learners.distributed import (
     init_process_group,
     make_optimizer,
     make_schedule,
+    master_parameters,
     zero3,
 )
 from learners.objective import advantages, kl_shaped_reward, reinforce_loss, sequence_logprobs_and_entropy
@@ -81,14 +82,19 @@ class LearnerRank:
 
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
         self.pad_id = int(model.config.pad_token_id or 0)  # any id works: padding is masked out
-        anchor_device = torch.device("cpu") if cfg.anchor_on_cpu else self.device
-        self.anchor = EmaAnchor(copy.deepcopy(model), mu, anchor_device)
+        ds_config = deepspeed_config(cfg, dtype, world_size)
+        anchor_model = copy.deepcopy(model)  # before DeepSpeed partitions (ZeRO-3) or moves the policy
         self.engine, *_ = deepspeed.initialize(
             model=model.to(self.device),
             optimizer=make_optimizer(model.parameters(), cfg),
             lr_scheduler=lambda opt: make_schedule(opt, cfg.warmup_steps),
-            config=deepspeed_config(cfg, dtype, world_size),
+            config=ds_config,
         )
+        if cfg.zero_stage == 3:  # 1/R of θ_ema per rank, partitioned exactly like the policy
+            self.anchor: EmaAnchor | PartitionedAnchor = PartitionedAnchor(anchor_model.to(self.device), mu, ds_config)
+        else:
+            anchor_device = torch.device("cpu") if cfg.anchor_on_cpu else self.device
+            self.anchor = EmaAnchor(anchor_model, mu, anchor_device)
         # fp32 without ZeRO is the one DeepSpeed mode that applies non-finite gradients: we check it.
         self._own_grad_check = dtype == "float32" and cfg.zero_stage == 0
         self.broadcaster = Broadcaster(rank)
@@ -116,22 +122,27 @@ class LearnerRank:
         self._lr = float(self.engine.get_lr()[0])  # the rate this update uses (the schedule moves after it)
         batch = self._tensors(rollouts)
         micro, intact = pack_micro_batches(batch["group_id"].cpu().numpy(), self.cfg.micro_batch_size)
-        with torch.no_grad():
-            anchor_logp = torch.cat([self.anchor.sequence_logprobs(*self._inputs(batch, rows)) for rows in micro])
-        finite = bool(torch.isfinite(batch["reward"]).all() and torch.isfinite(anchor_logp).all())
+        # Agreed before any forward: under ZeRO-3 every forward (anchor, pre-pass, training) gathers
+        # parameters collectively, so every rank runs the same number of each, padding with dummies.
+        reward_finite = bool(torch.isfinite(batch["reward"]).all())
         num_seqs, num_micro, num_bad, num_cut = self._agree(
-            [len(rollouts), len(micro), int(not finite), int(not intact)]
+            [len(rollouts), len(micro), int(not reward_finite), int(not intact)]
         )
-        if num_bad:
+        padded = micro + [micro[0][:1]] * (num_micro - len(micro))  # dummies: results discarded
+        with torch.no_grad():
+            anchor_logp = torch.cat(
+                [self.anchor.sequence_logprobs(*self._inputs(batch, rows)) for rows in padded][: len(micro)]
+            )
+        (num_bad_anchor,) = self._agree_sum([float(not bool(torch.isfinite(anchor_logp).all()))])
+        if num_bad or num_bad_anchor:
             return self._skip(start, "a non-finite reward or anchor log-probability", len(rollouts))
-        # Every rank takes the same path: under ZeRO-3 even a no-grad forward gathers parameters collectively.
         prepass = num_cut > 0 or self.cfg.baseline == "mean"
-        adv = self._batch_advantages(batch, micro, anchor_logp) if prepass else None
-        sums = self._accumulate(batch, micro, num_micro, anchor_logp, adv, num_seqs)
+        adv = self._batch_advantages(batch, micro, padded, anchor_logp) if prepass else None
+        sums = self._accumulate(batch, micro, padded, anchor_logp, adv, num_seqs)
         applied, grad_norm = self._apply(loss_finite=math.isfinite(sums["loss"]))
         if not applied:
             return self._skip(start, "a non-finite loss or gradient", len(rollouts), grad_norm)
-        self.anchor.update(full_parameters(self.engine.module))
+        self.anchor.update(self.engine.module)
         self.updates += 1
         self.version += 1
         self.steps += 1
@@ -156,12 +167,16 @@ class LearnerRank:
         width = int(lengths.max())  # trim the padding the rest of the batch needed
         return tuple(batch[k][index, :width] for k in ("input_ids", "attention_mask", "completion_mask"))
 
-    def _batch_advantages(self, batch, micro, anchor_logp) -> torch.Tensor:
-        """Advantages over the whole batch from a no-grad policy pass (batch-mean baseline, or split groups)."""
+    def _batch_advantages(self, batch, micro, padded, anchor_logp) -> torch.Tensor:
+        """Advantages over the whole batch from a no-grad policy pass (batch-mean baseline, or split groups).
+
+        The pass runs over ``padded`` (every rank the same count of forwards), keeping the real micro-batches.
+        """
         import torch
 
         with torch.no_grad():
-            logp = torch.cat([sequence_logprobs_and_entropy(self.engine, *self._inputs(batch, r))[0] for r in micro])
+            outs = [sequence_logprobs_and_entropy(self.engine, *self._inputs(batch, r))[0] for r in padded]
+            logp = torch.cat(outs[: len(micro)])
         rows = torch_index(np.concatenate(micro), logp.device)
         r_beta = kl_shaped_reward(batch["reward"][rows], logp, anchor_logp, self.beta)  # (B,) in micro order
         if self.cfg.baseline == "mean":
@@ -173,17 +188,16 @@ class LearnerRank:
         adv[rows] = adv_in_order
         return adv
 
-    def _accumulate(self, batch, micro, num_micro, anchor_logp, adv, num_seqs) -> dict[str, float]:
-        """Forward/backward every micro-batch; all ranks run ``num_micro`` of them (extra ones weigh 0)."""
+    def _accumulate(self, batch, micro, padded, anchor_logp, adv, num_seqs) -> dict[str, float]:
+        """Forward/backward every micro-batch of ``padded``, the same count on all ranks (dummies weigh 0)."""
         import torch
 
         sums = dict.fromkeys(("reward", "kl", "entropy", "loss"), 0.0) | {"tokens": 0.0}
         offset = 0
-        for i in range(num_micro):
+        for i, rows in enumerate(padded):
             dummy = i >= len(micro)  # keeps ZeRO's per-backward collectives in step across ranks
-            rows = micro[0][:1] if dummy else micro[i]
             ids, attention, completion = self._inputs(batch, rows)
-            self.engine.set_gradient_accumulation_boundary(i == num_micro - 1)
+            self.engine.set_gradient_accumulation_boundary(i == len(padded) - 1)
             logp, entropy = sequence_logprobs_and_entropy(self.engine, ids, attention, completion)  # (b,), (b,)
             index = torch_index(rows, logp.device)
             if dummy:
@@ -262,15 +276,18 @@ class LearnerRank:
     # ------------------------------------------------------------------------------------------------
     # Weights in and out
 
-    def weights(self, version: int | None = None) -> FlatWeights | None:
-        """Full policy weights in model dtype with HF names (tied lm_head left out), on rank 0; None elsewhere.
+    def weights(self, version: int | None = None, master: bool = False) -> FlatWeights | None:
+        """Full policy weights with HF names (tied lm_head left out), on rank 0; None elsewhere.
 
-        Every rank must call it: under ZeRO-3 the parameters are gathered one tensor at a time.
+        In model dtype (what engines load), or with ``master`` the optimizer's fp32 master weights: the
+        final policy the merger reads, so task vectors are not rounded to bf16 before SLERP. Every rank
+        must call it: under ZeRO the parameters are gathered one tensor at a time.
         """
         from merger.flat import flatten
 
-        copy_out = zero3(self.engine.module) or self.device.type != "cpu"  # gathered/GPU tensors do not outlive
-        pairs = full_parameters(self.engine.module)
+        module = self.engine.module
+        copy_out = zero3(module) or self.device.type != "cpu"  # gathered/GPU tensors do not outlive the loop
+        pairs = master_parameters(module) if master and self.dtype != "float32" else full_parameters(module)
         if self.rank != 0:
             for _ in pairs:
                 pass
@@ -347,8 +364,9 @@ class LearnerRank:
         path.mkdir(parents=True, exist_ok=True)
         self.engine.save_checkpoint(str(path), tag=DS_TAG, save_latest=False)
         torch.save(rng_state(), path / f"rng-rank{self.rank}.pt")
+        if self.rank == 0 or self._anchor_partitioned:
+            save_file(self.anchor.state_dict(), str(path / self._anchor_file))
         if self.rank == 0:
-            save_file(self.anchor.state_dict(), str(path / "anchor.safetensors"))
             counters = {"steps": self.steps, "updates": self.updates, "version": self.version,
                         "anchor_updates": self.anchor.updates}  # fmt: skip
             (path / "learner.json").write_text(json.dumps(counters))
@@ -366,9 +384,18 @@ class LearnerRank:
         )
         if load_path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {str(path)!r}")
-        self.anchor.load_state_dict(load_file(str(path / "anchor.safetensors")), counters["anchor_updates"])
+        self.anchor.load_state_dict(load_file(str(path / self._anchor_file)), counters["anchor_updates"])
         set_rng_state(torch.load(path / f"rng-rank{self.rank}.pt", weights_only=True))
         self.steps, self.updates, self.version = counters["steps"], counters["updates"], counters["version"]
+
+    @property
+    def _anchor_partitioned(self) -> bool:
+        return isinstance(self.anchor, PartitionedAnchor)
+
+    @property
+    def _anchor_file(self) -> str:
+        """A partitioned anchor is saved shard by shard, one file per rank; a full one once, by rank 0."""
+        return f"anchor-rank{self.rank}.safetensors" if self._anchor_partitioned else "anchor.safetensors"
 
     def _barrier(self) -> None:
         import torch.distributed as dist
@@ -379,6 +406,8 @@ class LearnerRank:
     def shutdown(self) -> None:
         """Release the engine; the process group stays (it belongs to the process, and may be shared)."""
         self.broadcaster.close()
+        if self._anchor_partitioned:
+            self.anchor.engine.destroy()
         self.engine.destroy()
 
 

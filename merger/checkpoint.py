@@ -216,15 +216,19 @@ def check_same_layout(ref: Layout, other: Layout, ref_label: str, label: str, dt
             raise CheckpointError(f"{label}: tensor {name!r} has dtype {other_dtype}, {ref_label} has {dtype}")
 
 
-def check_compatible(reference: Checkpoint, others: list[Checkpoint]) -> None:
-    """Refuse checkpoints whose model type, tensor names, shapes or dtypes differ from ``reference``'s."""
+def check_compatible(reference: Checkpoint, others: list[Checkpoint], dtypes: bool = False) -> None:
+    """Refuse checkpoints whose model type, tensor names, shapes (with ``dtypes``: dtypes) differ from the reference.
+
+    Dtypes may differ by default: a run's policies are fp32 master weights over a model-dtype θ_init, and
+    the merge computes in fp32 and writes θ_init's dtype.
+    """
     for other in others:
         if other.model_type != reference.model_type:
             raise CheckpointError(
                 f"{other.path}: model_type {other.model_type!r} differs from {reference.model_type!r} "
                 f"in {reference.path}"
             )
-        check_same_layout(reference.layout, other.layout, str(reference.path), str(other.path))
+        check_same_layout(reference.layout, other.layout, str(reference.path), str(other.path), dtypes=dtypes)
 
 
 def plan_shards(layout: Layout, shard_bytes: int) -> list[list[str]]:

@@ -55,7 +55,8 @@ class Merger:
             init_source = _source(init, stack)
             sources = [_source(p, stack) for p in policies]
             for m, source in enumerate(sources, start=1):
-                check_same_layout(init_source.layout, source.layout, "θ_init", f"policy {m}")
+                # Policies may be fp32 (the learners' master weights) over a bf16 θ_init: the maths is fp32.
+                check_same_layout(init_source.layout, source.layout, "θ_init", f"policy {m}", dtypes=False)
             with Checkpoint(self.reference_dir) as reference:
                 check_same_layout(reference.layout, init_source.layout, str(self.reference_dir), "θ_init", dtypes=False)
             layout = init_source.layout

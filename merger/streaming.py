@@ -85,7 +85,8 @@ def merge_stream(
     """
     check_request(method, len(policies), lam, eta, granularity)
     sources = [init, *policies]
-    largest = max((tensor_nbytes(d, s) for d, s in init.layout.values()), default=0)
+    # Policies may be stored wider than θ_init (fp32 master weights over a bf16 θ_init): size for the widest.
+    largest = max((tensor_nbytes(d, s) for src in sources for d, s in src.layout.values()), default=0)
     # Scratch reused for every tensor: fresh allocations this size page-fault on each tensor. Two
     # read sets, so the next tensor is read while this one is merged; these are the few tensors of
     # each input held at a time.

@@ -14,6 +14,7 @@ import contextlib
 import math
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from warp_rlhf.config import Config
@@ -69,15 +70,26 @@ def connect(cfg: Config, specs: list[GroupSpec] | None = None) -> bool:
     return started
 
 
-def check_fits(cfg: Config, specs: list[GroupSpec] | None = None) -> list[GroupSpec]:
-    """The run's groups, checked against the live cluster's nodes (the same check as `warp-rlhf plan`)."""
+def check_fits(cfg: Config, specs: list[GroupSpec] | None = None, model_dir: Path | None = None) -> list[GroupSpec]:
+    """The run's groups, checked against the live cluster's nodes: the same checks as `warp-rlhf plan`.
+
+    Placement always; memory too when ``model_dir`` (θ_sft) is given, wherever Ray knows a node's RAM
+    (GPU memory is known only for GPU models whose memory size is unambiguous, see warp_rlhf.placement).
+    """
     import ray
+
+    from warp_rlhf.model_size import read_model_shape
+    from warp_rlhf.plan import plan
 
     nodes = nodes_from_ray(ray.nodes())
     try:
         assign(cfg, nodes, specs)
     except PlacementError as exc:
         raise ClusterError(f"the Ray cluster cannot hold this run: {exc}") from None
+    if model_dir is not None and specs is None:
+        failures = plan(cfg, nodes, read_model_shape(Path(model_dir))).failures
+        if failures:
+            raise ClusterError("the run does not fit the Ray cluster's memory: " + "; ".join(failures))
     return specs if specs is not None else group_specs(cfg, nodes)
 
 

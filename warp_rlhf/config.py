@@ -145,7 +145,9 @@ class LearnersConfig(_Section):
     baseline: Literal["rloo", "mean", "none"] = "rloo"
     """REINFORCE baseline: leave-one-out mean per prompt (default), batch mean, or none."""
     anchor_on_cpu: bool = False
-    """Keep the EMA anchor in CPU memory (large models on GPU)."""
+    """Keep the EMA anchor in CPU memory (large models on GPU; ZeRO 0-2: under ZeRO-3 the anchor is partitioned)."""
+    zero3_persistence_threshold: int = 100_000
+    """ZeRO-3: parameters with fewer elements stay whole on every rank (DeepSpeed's default); 0 partitions all."""
 
     def __post_init__(self) -> None:
         k = self._key
@@ -165,6 +167,18 @@ class LearnersConfig(_Section):
         _require(self.grad_clip >= 0, k("grad_clip"), self.grad_clip, ">= 0 (0 disables)")
         _require(self.micro_batch_size >= 1, k("micro_batch_size"), self.micro_batch_size, ">= 1")
         _require(self.baseline in ("rloo", "mean", "none"), k("baseline"), self.baseline, "rloo, mean or none")
+        _require(
+            not (self.anchor_on_cpu and self.zero_stage == 3),
+            k("anchor_on_cpu"),
+            self.anchor_on_cpu,
+            "false when learners.zero_stage = 3 (the ZeRO-3 anchor is partitioned like the policy, 1/R per rank)",
+        )
+        _require(
+            self.zero3_persistence_threshold >= 0,
+            k("zero3_persistence_threshold"),
+            self.zero3_persistence_threshold,
+            ">= 0",
+        )
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from typing import Any
 
 from warp_rlhf.config import Config
 from warp_rlhf.data import PromptSampler, load_prompts
-from warp_rlhf.models import resolve_model
+from warp_rlhf.models import check_model_matches, resolve_model
 from warp_rlhf.outputs import MetricsLog, RunDir, is_complete_checkpoint, write_atomic, write_parquet_atomic
 from warp_rlhf.resume import prepare_run_dir, resolved
 
@@ -200,12 +200,17 @@ class Trainer:
             write_parquet_atomic(self.out.samples(i, run.index, first, last), pa.concat_tables(samples))
 
     def save_policy(self, run: Run, final: Path) -> Any:
-        """The run's final policy as HF checkpoint; returns the ObjectRef the merger reads it from."""
+        """The run's final policy as HF checkpoint; returns the ObjectRef the merger reads it from.
+
+        The optimizer's fp32 master weights, not the model-dtype copy the engines sample with: at small
+        learning rates a bf16 rounding of θ_m would put independent noise into δ_m = θ_m − θ_init and
+        push the SLERP angle towards 90°. The checkpoint's config.json says float32.
+        """
         import ray
 
         from merger import save_hf
 
-        latest = run.learner.weights_ref(run.version)
+        latest = run.learner.weights_ref(run.version, master=True)
         save_hf(ray.get(latest), final, reference_dir=self.sft_dir, overwrite=True)
         return latest
 
@@ -230,13 +235,15 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
     prompts = load_prompts(cfg.data.train, cfg.data.prompt_column, "train")  # bad input fails before any work
     load_prompts(cfg.data.eval, cfg.data.prompt_column, "eval")
     sft_dir = resolve_model(cfg.model.path, cfg.model.dtype)
+    check_model_matches(sft_dir, cfg.model.dtype)  # dtype, architecture, tokenizer: before any work
     cfg = resolved(cfg, sft_dir)
     done = prepare_run_dir(out, cfg, resume=resume, force=force)
+    report_merge_failure(out)
     log.info("outputs: %s (θ_sft = %s)", out.root.resolve(), sft_dir)
     started = connect(cfg)
     placement = trainer = None
     try:
-        placement = RunPlacement(check_fits(cfg), cfg.resources.placement_timeout_s)
+        placement = RunPlacement(check_fits(cfg, model_dir=sft_dir), cfg.resources.placement_timeout_s)
         total = sum(cfg.warp.steps_in(i) for i in range(1, cfg.warp.iterations + 1)) * cfg.warp.runs
         finished = sum(cfg.warp.steps_in(i) for i in range(1, done + 1)) * cfg.warp.runs
         progress = tqdm(total=total, initial=finished, desc="WARP", unit="step", dynamic_ncols=True)
@@ -250,7 +257,7 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
             progress.set_description(f"WARP iteration {i}/{cfg.warp.iterations}")
             policies = trainer.iteration(i, init_ref)
             init_ref = merger.merge(i, init_ref, policies)  # SLERP then LITI; the result stays in the store
-            ray.get(init_ref)  # surfaces a failed merge before the iteration is marked complete
+            merged(out, i, init_ref)  # a failed merge is recorded and raised before the iteration counts
             out.mark_completed(i)
             trainer.metrics.flush()
             shutil.rmtree(out.state / f"iter-{i}", ignore_errors=True)
@@ -266,6 +273,33 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
         if started:
             ray.shutdown()
     return out.root
+
+
+MERGE_FAILURE = "merge-failed.json"
+
+
+def merged(out: RunDir, i: int, init_ref: Any) -> None:
+    """Wait for iteration i's merge; on failure, record why (resume reports it) and raise."""
+    import ray
+
+    failure = out.state / MERGE_FAILURE
+    try:
+        ray.get(init_ref)
+    except Exception as exc:
+        out.state.mkdir(parents=True, exist_ok=True)
+        cause = getattr(exc, "cause", None) or exc  # a RayTaskError carries the merger's own exception
+        write_atomic(failure, json.dumps({"iteration": i, "error": f"{type(cause).__name__}: {cause}"}))
+        raise
+    failure.unlink(missing_ok=True)
+
+
+def report_merge_failure(out: RunDir) -> None:
+    """On resume: say that (and why) the last attempt stopped at a merge; the runs' policies are not retrained."""
+    failure = out.state / MERGE_FAILURE
+    if failure.is_file():
+        record = json.loads(failure.read_text())
+        log.warning("the last attempt stopped at the merge of iteration %d: %s; its runs' final policies are "
+                    "saved, so only the merge is retried", record["iteration"], record["error"])  # fmt: skip
 
 
 def _before_checkpoint(out: RunDir, row: dict[str, Any]) -> bool:

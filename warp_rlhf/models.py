@@ -51,6 +51,36 @@ def resolve_model(spec: str, dtype: str = "bfloat16") -> Path:
     return path.resolve()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+def check_model_matches(path: Path, dtype: str) -> None:
+    """θ_sft against the config, before any work: its weights' dtype, a causal-LM architecture, a tokenizer.
+
+    A checkpoint stored in another dtype than ``model.dtype`` would train a whole iteration and then
+    fail at the merge (and again on every resume), so it is refused here with the fix in the message.
+    """
+    from merger.checkpoint import Checkpoint
+
+    config = json.loads((path / "config.json").read_text())
+    architectures = config.get("architectures") or []
+    if not any(str(a).endswith("ForCausalLM") for a in architectures):
+        raise ModelError(
+            f"model {str(path)!r}: config.json architectures {architectures} has no *ForCausalLM: "
+            "WARP trains a causal language model"
+        )
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(f"model {str(path)!r} has no tokenizer ({' or '.join(TOKENIZER_FILES)})")
+    with Checkpoint(path) as checkpoint:
+        stored = {d for d, _ in checkpoint.layout.values()}
+    if stored != {dtype}:
+        raise ModelError(
+            f"model {str(path)!r} stores weights in {', '.join(sorted(stored))} but model.dtype = {dtype}: "
+            f"set model.dtype to match, or save the model in {dtype} first "
+            f"(from_pretrained(..., dtype=torch.{dtype}).save_pretrained(...))"
+        )
+
+
 def check_model_dir(path: Path) -> None:
     """Refuse anything that is not a complete HF directory with safetensors weights."""
     if not path.exists():

@@ -318,7 +318,7 @@ def format_plan(plan: Plan) -> str:
     lines = [
         f"WARP plan: {_count(cfg.warp.runs, 'run')}, each a learner of {_count(lr.ranks, 'rank')} "
         f"(ZeRO-{lr.zero_stage}) and {_count(a.engines_per_run, 'engine')} of TP {tp}; {reward}a merger",
-        f"model: {model.params / 1e9:.2f}B parameters in {cfg.model.dtype} ({model.source})",
+        f"model: {_params(model.params)} parameters in {cfg.model.dtype} ({model.source})",
         "",
         "Placement",
     ]
@@ -358,6 +358,10 @@ def _per_type(usage: tuple[NodeUse, ...]) -> list[tuple[str, ...]]:
         ram = max(of_type, key=lambda u: u.ram_gib)
         rows.append((node_type, str(len(of_type)), gpu_text, f"{_vs(ram.ram_gib, ram.ram_capacity_gib)} ({ram.node})"))
     return rows
+
+
+def _params(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
 def _count(n: int, word: str) -> str:

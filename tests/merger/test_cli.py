@@ -48,7 +48,6 @@ def test_lerp_of_three_with_sharding(tiny_model_dir, make_policies, tmp_path) ->
         (["--policy", "{policy}", "--lam", "0.3"], "only for SLERP of two policies"),
         (["--policy", "{missing}"], "does not exist"),
         (["--policy", "{pickle}"], r"only pickle weights \(\*\.bin\)"),
-        (["--policy", "{bf16}"], "has dtype bfloat16"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(

@@ -41,10 +41,15 @@ def test_directory_inputs_and_reruns(tiny_model_dir, make_policies, tmp_path) ->
     assert not [p for p in (tmp_path / "run" / "iter-1").iterdir() if p.name.startswith(".")]
 
 
-def test_mismatched_inputs_are_refused_before_writing(tiny_model_dir, make_policies, bf16_init_dir, tmp_path) -> None:
+def test_policies_in_another_dtype_merge_into_init_dtype(tiny_model_dir, make_policies, bf16_init_dir, tmp_path):
+    """fp32 policies (the learners' master weights) over a bf16 θ_init: fp32 maths, θ_init's dtype out."""
     merger = Merger(_config(tmp_path / "run"), tiny_model_dir)
-    with pytest.raises(CheckpointError, match="policy 1: tensor .* has dtype bfloat16"):
-        merger.merge(1, tiny_model_dir, [bf16_init_dir, make_policies(2)[1]])
+    new_init = merger.merge(1, bf16_init_dir, make_policies(2))
+    assert {spec.dtype for spec in new_init.specs} == {"bfloat16"}
+
+
+def test_mismatched_inputs_are_refused_before_writing(tiny_model_dir, tmp_path) -> None:
+    merger = Merger(_config(tmp_path / "run"), tiny_model_dir)
     with pytest.raises(CheckpointError, match="no policies"):
         merger.merge(1, tiny_model_dir, [])
     with pytest.raises(CheckpointError, match="cannot merge a dict"):

@@ -89,9 +89,6 @@ def test_architecture_mismatches_are_refused_before_writing(tiny_model_dir, tiny
         _variant(
             tiny_model_dir, tiny_weights, tmp_path / "shape", reshape="model.norm.weight"
         ): "'model.norm.weight' has shape",
-        _variant(
-            tiny_model_dir, tiny_weights, tmp_path / "dtype", dtype="model.norm.weight"
-        ): "'model.norm.weight' has dtype",
     }
     for bad, match in cases.items():
         with pytest.raises(CheckpointError, match=match):

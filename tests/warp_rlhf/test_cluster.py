@@ -132,25 +132,47 @@ def _start_head(temp_dir: Path, log: Path) -> Head:
 
 
 def _add_workers(head: Head, logs: Path) -> None:
-    """Start WORKER_NODES (each its own address and ports) and wait until Ray lists all four nodes alive."""
+    """Start WORKER_NODES one by one (each its own address and ports), each alive in Ray before the next.
+
+    One at a time: on 2 cores, raylets starting together time out registering with the GCS. A node that
+    fails to come up is started again (twice at most).
+    """
     for address, cpus, resources in WORKER_NODES:
-        agent, grpc, metrics, runtime_env = _free_ports(4)
-        cmd = [str(BIN / "ray"), "start", "--block", "--address", f"127.0.0.1:{head.gcs_port}", "--node-ip-address"]
-        cmd += [address, "--num-cpus", str(cpus), "--num-gpus", "0", "--resources", json.dumps(resources)]
-        cmd += ["--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(grpc)]
-        cmd += ["--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(runtime_env)]
-        cmd += ["--disable-usage-stats"]
-        with open(logs / f"node-{address}.log", "w") as sink:
-            head.workers.append(
-                subprocess.Popen(cmd, env=head.env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
-            )
+        for attempt in (1, 2, 3):
+            agent, grpc, metrics, runtime_env = _free_ports(4)
+            cmd = [str(BIN / "ray"), "start", "--block", "--address", f"127.0.0.1:{head.gcs_port}"]
+            cmd += ["--node-ip-address", address, "--num-cpus", str(cpus), "--num-gpus", "0", "--resources"]
+            cmd += [json.dumps(resources), "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port"]
+            cmd += [str(grpc), "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(runtime_env)]
+            cmd += ["--disable-usage-stats"]
+            with open(logs / f"node-{address}-{attempt}.log", "w") as sink:
+                process = subprocess.Popen(
+                    cmd, env=head.env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            head.workers.append(process)
+            if _wait_for_node(head, address, process):
+                break
+            _kill_node(head, address)  # a raylet of the failed attempt must not register later, twice
+        else:
+            pytest.fail(f"node {address} did not start in 3 attempts: see {logs}/node-{address}-*.log")
+
+
+def _kill_node(head: Head, address: str) -> None:
+    """SIGKILL this cluster's processes that belong to the node at ``address`` (after a failed start)."""
+    marker = f"RAY_AUTH_TOKEN={head.env['RAY_AUTH_TOKEN']}"
+    for pid in _processes_with(marker):
+        with contextlib.suppress(OSError):
+            if address.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+
+
+def _wait_for_node(head: Head, address: str, process: subprocess.Popen) -> bool:
     deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        alive = [n for n in _state(head, "nodes") if n["state"] == "ALIVE"]
-        if len(alive) == 1 + len(WORKER_NODES):
-            return
+    while time.monotonic() < deadline and process.poll() is None:
+        if any(n["node_ip"] == address and n["state"] == "ALIVE" for n in _state(head, "nodes")):
+            return True
         time.sleep(2)
-    pytest.fail(f"only {len(alive)} of {1 + len(WORKER_NODES)} nodes alive after {START_TIMEOUT_S} s")
+    return False
 
 
 def _state(head: Head, kind: str) -> list[dict]:

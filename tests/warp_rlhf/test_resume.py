@@ -45,15 +45,28 @@ def test_non_empty_directory_without_a_run_is_refused(tmp_path: Path) -> None:
         ("data.train={tmp}/missing.jsonl", "prompt file '{tmp}/missing.jsonl' does not exist"),
         ("data.eval={tmp}/bad.jsonl", "has no column 'prompt'"),
         ("model.path={tmp}/no-model", "does not exist"),
+        ("model.dtype=bfloat16 model.path={tmp}/fp32", "stores weights in float32 but model.dtype = bfloat16"),
+        ("model.path={tmp}/no-tokenizer", "has no tokenizer (tokenizer.json or tokenizer.model)"),
+        ("model.path={tmp}/classifier", "has no *ForCausalLM"),
     ],
 )
-def test_train_refuses_bad_input_before_any_work(tmp_path: Path, override: str, fragment: str) -> None:
+def test_train_refuses_bad_input_before_any_work(
+    tmp_path: Path, tiny_model_dir: Path, override: str, fragment: str
+) -> None:
+    import json
+    import shutil
     import subprocess
     import sys
 
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n')
+    shutil.copytree(tiny_model_dir, tmp_path / "fp32")  # the fp32 tiny model, under a bf16 config
+    shutil.copytree(tiny_model_dir, tmp_path / "no-tokenizer", ignore=shutil.ignore_patterns("tokenizer*"))
+    shutil.copytree(tiny_model_dir, tmp_path / "classifier")
+    config = json.loads((tmp_path / "classifier" / "config.json").read_text())
+    config["architectures"] = ["LlamaForSequenceClassification"]
+    (tmp_path / "classifier" / "config.json").write_text(json.dumps(config))
     out = tmp_path / "run"
-    args = ["train", "--config", "configs/smoke.yaml", f"output.dir={out}", override.format(tmp=tmp_path)]
+    args = ["train", "--config", "configs/smoke.yaml", f"output.dir={out}", *override.format(tmp=tmp_path).split()]
     root = Path(__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, "-m", "warp_rlhf", *args], capture_output=True, text=True, cwd=root)
     assert result.returncode == 2
