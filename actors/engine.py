@@ -114,6 +114,7 @@ class GenerationEngine:
         step: int = 0,
         group_offset: int = 0,
         prompt_column: str = "prompt",
+        engine: int = 0,
     ) -> pa.Table:
         """``n`` samples per prompt (default actors.samples_per_prompt) as a ROLLOUT_SCHEMA table, reward null.
 
@@ -128,9 +129,9 @@ class GenerationEngine:
         ids = self.tokenize(texts)
         requests = [TokensPrompt(prompt_token_ids=tokens) for tokens in ids]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
-        return self._to_table(texts, ids, outputs, run, iteration, step, group_offset)
+        return self._to_table(texts, ids, outputs, run, iteration, step, group_offset, engine)
 
-    def _to_table(self, texts, ids, outputs, run, iteration, step, group_offset) -> pa.Table:  # noqa: ANN001
+    def _to_table(self, texts, ids, outputs, run, iteration, step, group_offset, engine) -> pa.Table:  # noqa: ANN001
         columns: dict[str, list] = {f.name: [] for f in ROLLOUT_SCHEMA}
         for index, (text, prompt_ids, output) in enumerate(zip(texts, ids, outputs, strict=True)):
             for sample in output.outputs:
@@ -148,6 +149,7 @@ class GenerationEngine:
         columns["reward"] = [None] * rows
         columns["run"], columns["iteration"], columns["step"] = [run] * rows, [iteration] * rows, [step] * rows
         columns["version"] = [self.version] * rows
+        columns["engine"] = [engine] * rows
         return pa.Table.from_pydict(columns, schema=ROLLOUT_SCHEMA)
 
     def score(self, rollouts: pa.Table) -> np.ndarray:

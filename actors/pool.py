@@ -97,7 +97,9 @@ class ActorPool:
 
         texts = prompt_texts(prompts, kwargs.pop("prompt_column", "prompt"))
         shards = [(i, lo, texts[lo:hi]) for i, (lo, hi) in enumerate(self._shards(len(texts)))]
-        refs = {i: self.engines[i].generate.remote(shard, n, group_offset=lo, **kwargs) for i, lo, shard in shards}
+        refs = {
+            i: self.engines[i].generate.remote(shard, n, group_offset=lo, engine=i, **kwargs) for i, lo, shard in shards
+        }
         tables = []
         for i, lo, shard in shards:
             try:
@@ -106,7 +108,8 @@ class ActorPool:
                 log.warning("engine %d died during generate (%s); replacing it and retrying its shard", i, exc)
                 self._replace(i)
                 try:
-                    tables.append(ray.get(self.engines[i].generate.remote(shard, n, group_offset=lo, **kwargs)))
+                    retry = self.engines[i].generate.remote(shard, n, group_offset=lo, engine=i, **kwargs)
+                    tables.append(ray.get(retry))
                 except ray.exceptions.RayActorError as again:
                     raise PoolError(f"engine {i} died again after replacement: {again}") from again
         return pa.concat_tables(tables)

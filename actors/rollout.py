@@ -27,6 +27,7 @@ ROLLOUT_SCHEMA = pa.schema(
         pa.field("iteration", pa.int32(), nullable=False),  # i, 1-based WARP iteration
         pa.field("step", pa.int32(), nullable=False),  # t, 0-based learner step that consumes it
         pa.field("version", pa.int64(), nullable=False),  # weights version that generated it
+        pa.field("engine", pa.int32(), nullable=False),  # which engine of the run's pool sampled it
     ]
 )
 
@@ -48,8 +49,9 @@ def check_rollouts(table: pa.Table) -> None:
 def to_tensors(table: pa.Table, pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded prompt+completion tensors for teacher forcing.
 
-    Returns input_ids (B, L) int64, attention_mask (B, L) int64, and completion_mask (B, L) bool,
-    true where input_ids holds a completion token: the positions whose log-probabilities are summed.
+    Returns input_ids (B, L) int64, attention_mask (B, L) int64, completion_mask (B, L) bool, true
+    where input_ids holds a completion token (the positions whose log-probabilities are summed), and
+    sampler_logprobs (B, L) float32: the sampler's log-prob of each completion token, 0 elsewhere.
     """
     import numpy as np
     import torch
@@ -62,13 +64,17 @@ def to_tensors(table: pa.Table, pad_id: int) -> dict[str, torch.Tensor]:
     input_ids = np.full((batch, width), pad_id, dtype=np.int64)  # (B, L)
     attention = np.zeros((batch, width), dtype=np.int64)  # (B, L)
     completion = np.zeros((batch, width), dtype=bool)  # (B, L)
+    sampler = np.zeros((batch, width), dtype=np.float32)  # (B, L)
+    logprobs = table.column("logprobs").to_pylist()
     for row, (p, c) in enumerate(zip(prompts, completions, strict=True)):
         input_ids[row, : len(p)] = p
         input_ids[row, len(p) : len(p) + len(c)] = c
         attention[row, : len(p) + len(c)] = 1
         completion[row, len(p) : len(p) + len(c)] = True
+        sampler[row, len(p) : len(p) + len(c)] = logprobs[row]
     return {
         "input_ids": torch.from_numpy(input_ids),
         "attention_mask": torch.from_numpy(attention),
         "completion_mask": torch.from_numpy(completion),
+        "sampler_logprobs": torch.from_numpy(sampler),
     }

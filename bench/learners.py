@@ -8,6 +8,11 @@ alike. A third column, AdamW directly on bf16 weights (no fp32 master), is what 
 faster, but at lr 1e-6 most bf16 updates round away to nothing.
 
     TORCH_EXTENSIONS_DIR=.cache/torch_extensions .venv/bin/python -m bench.learners --stages 0 1 2
+    .venv/bin/python -m bench.learners --stages --zero3-ranks 1 2 --dtype float32
+
+``--zero3-ranks`` runs ZeRO-3 learners of R ranks (Ray actors, gloo, every parameter partitioned:
+persistence threshold 0) and reports the EMA anchor's bytes per rank, measured from the tensors each
+rank holds, next to the full anchor a ZeRO 0-2 rank holds, and the step time against the plain step.
 
 (as a module from the repository root: this file is named like the package it measures.)
 """
@@ -48,6 +53,7 @@ def make_batch(prompts: int, samples: int, prompt_len: int, new_tokens: int, voc
             "iteration": [1] * n,
             "step": [0] * n,
             "version": [0] * n,
+            "engine": [0] * n,
         },
         schema=ROLLOUT_SCHEMA,
     )
@@ -56,11 +62,14 @@ def make_batch(prompts: int, samples: int, prompt_len: int, new_tokens: int, voc
 class PlainStep:
     """The same REINFORCE step in plain PyTorch: a bf16 model, fp32 master weights, torch AdamW."""
 
-    def __init__(self, model_dir, cfg: LearnersConfig, beta: float, mu: float, fp32_master: bool = True) -> None:
+    def __init__(
+        self, model_dir, cfg: LearnersConfig, beta: float, mu: float, fp32_master: bool = True, dtype: str = "bfloat16"
+    ) -> None:
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
-        self.anchor = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+        self.anchor = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+        fp32_master = fp32_master and dtype != "float32"
         self.anchor.requires_grad_(False)
         self.ema = [p.detach().float() for p in self.anchor.parameters()]
         params = list(self.model.parameters())
@@ -103,16 +112,16 @@ def timed(fn, *args) -> float:
 def run(args: argparse.Namespace) -> list[dict]:
     from learners.learner import LearnerRank
 
-    model_dir = resolve_model("smollm2-135m", dtype="bfloat16")
+    model_dir = resolve_model("smollm2-135m", dtype=args.dtype)
     table = make_batch(args.prompts, args.samples, args.prompt_len, args.new_tokens, vocab=49152)
     completion_tokens = args.prompts * args.samples * args.new_tokens
     base_cfg = LearnersConfig(lr=1e-6, warmup_steps=0, micro_batch_size=args.micro_batch_size)
-    plain = PlainStep(model_dir, base_cfg, beta=0.1, mu=0.01)
-    naive = PlainStep(model_dir, base_cfg, beta=0.1, mu=0.01, fp32_master=False)
+    plain = PlainStep(model_dir, base_cfg, beta=0.1, mu=0.01, dtype=args.dtype)
+    naive = PlainStep(model_dir, base_cfg, beta=0.1, mu=0.01, fp32_master=False, dtype=args.dtype)
     rows = []
     for stage in args.stages:
         cfg = LearnersConfig(zero_stage=stage, lr=1e-6, warmup_steps=0, micro_batch_size=args.micro_batch_size)
-        learner = LearnerRank(model_dir, cfg, beta=0.1, mu=0.01, dtype="bfloat16")
+        learner = LearnerRank(model_dir, cfg, beta=0.1, mu=0.01, dtype=args.dtype)
         times: dict[str, list[float]] = {"learner": [], "plain": [], "naive": []}
         for i in range(args.warmup + args.steps):
             sample = {
@@ -136,12 +145,59 @@ def run(args: argparse.Namespace) -> list[dict]:
         }
         print(json.dumps(row), flush=True)
         rows.append(row)
+    if args.zero3_ranks:
+        rows += zero3_rows(args, model_dir, table, plain)
+    return rows
+
+
+def zero3_rows(args: argparse.Namespace, model_dir, table: pa.Table, plain: PlainStep) -> list[dict]:
+    """ZeRO-3 learners of R ranks on a local Ray cluster: anchor bytes per rank and step time vs the plain step."""
+    import ray
+
+    from learners.group import LearnerGroup
+
+    params = sum(p.numel() for p in plain.model.parameters())
+    full_anchor = sum(p.numel() * p.element_size() for p in plain.anchor.parameters())
+    full_anchor += 0 if args.dtype == "float32" else sum(t.numel() * 4 for t in plain.ema)  # fp32 accumulators
+    ray.init(num_cpus=max(2, *args.zero3_ranks), include_dashboard=False, log_to_driver=False)
+    rows = []
+    try:
+        for ranks in args.zero3_ranks:
+            cfg = LearnersConfig(ranks=ranks, num_cpus=1, zero_stage=3, lr=1e-6, warmup_steps=0,
+                                 micro_batch_size=args.micro_batch_size, zero3_persistence_threshold=0)  # fmt: skip
+            group = LearnerGroup(model_dir, cfg, beta=0.1, mu=0.01, dtype=args.dtype)
+            group.ready()
+            held = ray.get([r.__ray_call__.remote(lambda self: self.anchor.local_bytes()) for r in group.ranks])
+            times: dict[str, list[float]] = {"learner": [], "plain": []}
+            for i in range(args.warmup + args.steps):
+                sample = {"plain": timed(plain.step, table), "learner": timed(group.step, table)}
+                if i >= args.warmup:
+                    for key, seconds in sample.items():
+                        times[key].append(seconds)
+            group.shutdown()
+            med = {k: statistics.median(v) for k, v in times.items()}
+            row = {
+                "zero_stage": 3,
+                "ranks": ranks,
+                "params": params,
+                "anchor_mib_per_rank": round(max(held) / 2**20, 1),
+                "full_anchor_mib": round(full_anchor / 2**20, 1),
+                "learner_s": round(med["learner"], 3),
+                "plain_s": round(med["plain"], 3),
+                "ratio": round(med["learner"] / med["plain"], 3),
+            }
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    finally:
+        ray.shutdown()
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--stages", type=int, nargs="*", default=[0, 1, 2])
+    parser.add_argument("--zero3-ranks", type=int, nargs="*", default=[], help="ZeRO-3 learners of these ranks")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--prompt-len", type=int, default=16)

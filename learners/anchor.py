@@ -87,11 +87,12 @@ class EmaAnchor:
         input_ids: torch.Tensor,  # (B, L)
         attention_mask: torch.Tensor,  # (B, L)
         completion_mask: torch.Tensor,  # (B, L)
+        temperature: float = 1.0,
     ) -> torch.Tensor:
-        """log π_ema(y|x) summed over completion tokens (B,), on the caller's device."""
+        """log π_ema(y|x) at the sampling temperature, summed over completion tokens (B,), on the caller's device."""
         out_device = input_ids.device
         batch = (t.to(self.device) for t in (input_ids, attention_mask, completion_mask))
-        return sequence_logprobs(self.module, *batch).to(out_device)
+        return sequence_logprobs(self.module, *batch, temperature=temperature).to(out_device)
 
     def local_bytes(self) -> int:
         """Bytes of every tensor this rank holds for the anchor (module copy and accumulators, once each)."""
@@ -169,9 +170,10 @@ class PartitionedAnchor:
         input_ids: torch.Tensor,  # (B, L)
         attention_mask: torch.Tensor,  # (B, L)
         completion_mask: torch.Tensor,  # (B, L)
+        temperature: float = 1.0,
     ) -> torch.Tensor:
         """log π_ema(y|x) (B,); ZeRO-3 gathers each layer's parameters for the forward and releases them."""
-        return sequence_logprobs(self.engine, input_ids, attention_mask, completion_mask)
+        return sequence_logprobs(self.engine, input_ids, attention_mask, completion_mask, temperature)
 
     def local_bytes(self) -> int:
         tensors = {id(t): t for t in [*self.ema.values(), *(p.ds_tensor.data for p in self.params.values())]}

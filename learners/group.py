@@ -40,6 +40,8 @@ class LearnerGroup:
         dtype: str = "bfloat16",
         seed: int = 0,
         placement_group: Any = None,
+        temperature: float = 1.0,
+        sampler_logprobs: str = "raw",
     ) -> None:
         """Start the ranks; ``placement_group`` has one bundle per rank (the driver's), else the group makes one."""
         import ray
@@ -53,8 +55,9 @@ class LearnerGroup:
         probe = ray.remote(num_cpus=0)(_node_address).options(scheduling_strategy=self._bundle(0))
         self.master_addr, self.master_port = ray.get(probe.remote())
         remote_rank = ray.remote(LearnerRank)
-        common = dict(beta=beta, mu=mu, dtype=dtype, seed=seed, world_size=cfg.ranks,
-                      master_addr=self.master_addr, master_port=self.master_port)  # fmt: skip
+        common = dict(beta=beta, mu=mu, dtype=dtype, seed=seed, world_size=cfg.ranks, temperature=temperature,
+                      sampler_logprobs=sampler_logprobs, master_addr=self.master_addr,
+                      master_port=self.master_port)  # fmt: skip
         self.ranks = [
             remote_rank.options(
                 num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, scheduling_strategy=self._bundle(r)
@@ -173,6 +176,23 @@ class LearnerGroup:
         self.placement_group = None
 
 
+def merge_drift(per_rank: list[dict[int, list[float]]]) -> dict[str, Any]:
+    """drift_mean, drift_max over every token of the step, and drift_by_engine: engine → (mean, max)."""
+    totals: dict[int, list[float]] = {}
+    for drift in per_rank:
+        for engine, (total, count, peak) in drift.items():
+            entry = totals.setdefault(int(engine), [0.0, 0.0, 0.0])
+            entry[0] += total
+            entry[1] += count
+            entry[2] = max(entry[2], peak)
+    tokens = sum(c for _, c, _ in totals.values())
+    return {
+        "drift_mean": sum(t for t, _, _ in totals.values()) / tokens if tokens else math.nan,
+        "drift_max": max((p for _, _, p in totals.values()), default=math.nan),
+        "drift_by_engine": {e: (t / c if c else math.nan, p) for e, (t, c, p) in totals.items()},
+    }
+
+
 def _node_address() -> tuple[str, int]:
     """This node's address as Ray sees it, and a port free on it (run as a task in rank 0's bundle)."""
     import ray
@@ -191,6 +211,7 @@ def merge_metrics(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
     merged["sequences"] = sequences
     merged["seconds"] = max(m["seconds"] for m in per_rank)
     merged["skipped"] = any(m["skipped"] for m in per_rank)
+    merged.update(merge_drift([m.get("drift_by_engine", {}) for m in per_rank]))
     first = per_rank[0]
     merged.update(grad_norm=first["grad_norm"], lr=first["lr"], step=first["step"])  # global already
     if merged["skipped"]:

@@ -33,7 +33,13 @@ from learners.distributed import (
     master_parameters,
     zero3,
 )
-from learners.objective import advantages, kl_shaped_reward, reinforce_loss, sequence_logprobs_and_entropy
+from learners.objective import (
+    add_drift,
+    advantages,
+    kl_shaped_reward,
+    reinforce_loss,
+    sequence_logprobs_and_entropy,
+)
 from learners.publish import Broadcaster
 
 if TYPE_CHECKING:
@@ -63,7 +69,12 @@ class LearnerRank:
         world_size: int = 1,
         master_addr: str = "127.0.0.1",
         master_port: int = 0,
+        temperature: float = 1.0,
+        sampler_logprobs: str = "raw",
     ) -> None:
+        """``temperature``: the engines' sampling temperature, applied to every log-prob here (policy and
+        anchor). ``sampler_logprobs``: what the rollouts' logprobs are (actors.logprobs: raw = at T = 1,
+        processed = at T), so the drift metric compares like with like."""
         import deepspeed
         import torch
         from transformers import AutoModelForCausalLM
@@ -72,7 +83,12 @@ class LearnerRank:
             raise ValueError(f"dtype = {dtype!r}: must be bfloat16 or float32")
         if beta < 0:
             raise ValueError(f"beta = {beta!r}: must be >= 0")
+        if temperature <= 0 or sampler_logprobs not in ("raw", "processed"):
+            raise ValueError(f"temperature = {temperature!r} must be > 0, sampler_logprobs = {sampler_logprobs!r} "
+                             "raw or processed")  # fmt: skip
         self.cfg, self.beta, self.dtype = cfg, beta, dtype
+        self.temperature = temperature
+        self.drift_temperature = 1.0 if sampler_logprobs == "raw" else temperature
         self.rank, self.world_size = rank, world_size
         self.master_addr, self.master_port = master_addr, master_port
         gpu = cfg.num_gpus > 0
@@ -131,7 +147,9 @@ class LearnerRank:
         padded = micro + [micro[0][:1]] * (num_micro - len(micro))  # dummies: results discarded
         with torch.no_grad():
             anchor_logp = torch.cat(
-                [self.anchor.sequence_logprobs(*self._inputs(batch, rows)) for rows in padded][: len(micro)]
+                [self.anchor.sequence_logprobs(*self._inputs(batch, rows), self.temperature) for rows in padded][
+                    : len(micro)
+                ]
             )
         (num_bad_anchor,) = self._agree_sum([float(not bool(torch.isfinite(anchor_logp).all()))])
         if num_bad or num_bad_anchor:
@@ -148,7 +166,8 @@ class LearnerRank:
         self.steps += 1
         n = len(rollouts)
         means = {k: sums[k] / n for k in ("reward", "kl", "entropy")}
-        return self._metrics(start, n, False, grad_norm, loss=sums["loss"], tokens=sums["tokens"], **means)
+        metrics = self._metrics(start, n, False, grad_norm, loss=sums["loss"], tokens=sums["tokens"], **means)
+        return metrics | {"drift_by_engine": sums["drift"]}
 
     def _tensors(self, rollouts: pa.Table) -> dict[str, torch.Tensor]:
         import torch
@@ -158,6 +177,7 @@ class LearnerRank:
         batch = to_tensors(rollouts, self.pad_id)
         batch["reward"] = torch.from_numpy(rollouts.column("reward").to_numpy().astype(np.float32))
         batch["group_id"] = torch.from_numpy(rollouts.column("group_id").to_numpy().copy())
+        batch["engine"] = torch.from_numpy(rollouts.column("engine").to_numpy().astype(np.int64))
         return {k: v.to(self.device) for k, v in batch.items()}
 
     @staticmethod
@@ -175,7 +195,9 @@ class LearnerRank:
         import torch
 
         with torch.no_grad():
-            outs = [sequence_logprobs_and_entropy(self.engine, *self._inputs(batch, r))[0] for r in padded]
+            outs = [
+                sequence_logprobs_and_entropy(self.engine, *self._inputs(batch, r), self.temperature)[0] for r in padded
+            ]
             logp = torch.cat(outs[: len(micro)])
         rows = torch_index(np.concatenate(micro), logp.device)
         r_beta = kl_shaped_reward(batch["reward"][rows], logp, anchor_logp, self.beta)  # (B,) in micro order
@@ -193,12 +215,15 @@ class LearnerRank:
         import torch
 
         sums = dict.fromkeys(("reward", "kl", "entropy", "loss"), 0.0) | {"tokens": 0.0}
+        drift: dict[int, list[float]] = {}  # engine → [Σ |Δ log p|, tokens, max |Δ log p|]
         offset = 0
         for i, rows in enumerate(padded):
             dummy = i >= len(micro)  # keeps ZeRO's per-backward collectives in step across ranks
             ids, attention, completion = self._inputs(batch, rows)
             self.engine.set_gradient_accumulation_boundary(i == len(padded) - 1)
-            logp, entropy = sequence_logprobs_and_entropy(self.engine, ids, attention, completion)  # (b,), (b,)
+            logp, entropy, tokens = sequence_logprobs_and_entropy(
+                self.engine, ids, attention, completion, self.temperature, self.drift_temperature
+            )  # (b,), (b,), (n,)
             index = torch_index(rows, logp.device)
             if dummy:
                 logp_anchor, adv_mb = logp.detach(), torch.zeros_like(logp)
@@ -217,6 +242,9 @@ class LearnerRank:
             sums["kl"] += float((logp.detach() - logp_anchor).sum())
             sums["entropy"] += float(entropy.sum())
             sums["tokens"] += float(completion.sum())
+            sampler = batch["sampler_logprobs"][index, : ids.shape[1]]  # (b, L) trimmed like ids
+            add_drift(drift, tokens, sampler, completion, batch["engine"][index])
+        sums["drift"] = drift
         return sums
 
     def _apply(self, loss_finite: bool) -> tuple[bool, float]:

@@ -5,7 +5,11 @@ the baselines (rloo, mean, none) and the loss. Imports torch only; never DeepSpe
 every function here is testable on a toy module in-process.
 
 The KL term always uses log-probabilities the learner computes itself for both the policy and its
-EMA anchor; the sampler's logprobs differ numerically (other kernels, other dtype) and are never used.
+EMA anchor; the sampler's logprobs differ numerically (other kernels, other dtype) and are never used
+in the loss, only compared (the drift metric). Both are of the *sampling* distribution: the logits are
+divided by the sampling temperature, as in verl, OpenRLHF and TRL, so the REINFORCE gradient and the
+KL are those of the distribution that produced y. Top-k truncation is not applied (see the README):
+a token outside the anchor's top-k would make log π_ema = −∞.
 """
 
 from __future__ import annotations
@@ -17,12 +21,15 @@ import torch
 Baseline = Literal["rloo", "mean", "none"]
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log p of each target token and the entropy of its distribution, in fp32 even for bf16 models.
+def token_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log p of each target token under softmax(logits / T) and that distribution's entropy, in fp32.
 
     logits (N, V), targets (N,) → (logp (N,), entropy (N,)); entropy is detached (a metric, never a loss).
     """
-    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
+    scaled = logits.float() if temperature == 1.0 else logits.float() / temperature
+    logprobs = torch.log_softmax(scaled, dim=-1)  # (N, V)
     logp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N,)
     with torch.no_grad():
         entropy = -(logprobs.exp() * logprobs).sum(-1)  # (N,)
@@ -34,21 +41,32 @@ def sequence_logprobs_and_entropy(
     input_ids: torch.Tensor,  # (B, L) prompt + completion, right-padded
     attention_mask: torch.Tensor,  # (B, L) 1 on real tokens
     completion_mask: torch.Tensor,  # (B, L) true on completion tokens
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log π(y|x) summed over completion tokens (B,), mean token entropy over the completion (B,)).
+    temperature: float = 1.0,
+    token_temperature: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(log π_T(y|x) summed over completion tokens (B,), mean token entropy (B,), per-token log-probs (N,)).
 
-    Teacher forcing: the logits at position t-1 score the token at t. Only completion positions go
-    through the log-softmax: prompt and padding positions would be vocabulary-wide work thrown away.
+    π_T = softmax(logits / ``temperature``). Teacher forcing: the logits at position t-1 score the token
+    at t. Only completion positions go through the log-softmax: prompt and padding positions would be
+    vocabulary-wide work thrown away. With ``token_temperature``, also the detached log-prob of every
+    completion token (row-major, the order of ``completion_mask``) at that temperature, for comparing
+    with the sampler's own; else None.
     """
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (B, L, V)
     scored = completion_mask[:, 1:].bool()  # (B, L-1): a completion token is never at position 0
     rows = torch.nonzero(scored, as_tuple=True)[0]  # (N,) which sequence each scored token belongs to
-    logp, entropy = token_logprobs(logits[:, :-1][scored], input_ids[:, 1:][scored])  # (N,), (N,)
+    token_logits, targets = logits[:, :-1][scored], input_ids[:, 1:][scored]  # (N, V), (N,)
+    logp, entropy = token_logprobs(token_logits, targets, temperature)  # (N,), (N,)
+    tokens = None
+    if token_temperature is not None:
+        with torch.no_grad():
+            same = token_temperature == temperature
+            tokens = logp.detach() if same else token_logprobs(token_logits, targets, token_temperature)[0]
     batch = input_ids.shape[0]
     seq_logp = torch.zeros(batch, dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)  # (B,)
     lengths = scored.sum(-1).clamp(min=1).to(logp.dtype)  # (B,)
     entropy_sum = torch.zeros(batch, dtype=logp.dtype, device=logp.device).index_add(0, rows, entropy)  # (B,)
-    return seq_logp, entropy_sum / lengths
+    return seq_logp, entropy_sum / lengths, tokens
 
 
 def sequence_logprobs(
@@ -56,9 +74,10 @@ def sequence_logprobs(
     input_ids: torch.Tensor,  # (B, L)
     attention_mask: torch.Tensor,  # (B, L)
     completion_mask: torch.Tensor,  # (B, L)
+    temperature: float = 1.0,
 ) -> torch.Tensor:
-    """log π(y|x) = Σ_t log π(y_t | x, y_<t) over completion tokens, under teacher forcing. (B,)"""
-    return sequence_logprobs_and_entropy(model, input_ids, attention_mask, completion_mask)[0]
+    """log π_T(y|x) = Σ_t log π_T(y_t | x, y_<t) over completion tokens, under teacher forcing. (B,)"""
+    return sequence_logprobs_and_entropy(model, input_ids, attention_mask, completion_mask, temperature)[0]
 
 
 def kl_shaped_reward(
@@ -105,3 +124,22 @@ def reinforce_loss(logp: torch.Tensor, adv: torch.Tensor, num_sequences: int | N
     """
     n = logp.shape[0] if num_sequences is None else num_sequences
     return -(adv.detach() * logp).sum() / n
+
+
+def add_drift(
+    drift: dict[int, list[float]],
+    learner: torch.Tensor,  # (n,) the learner's log-prob of each completion token
+    sampler: torch.Tensor,  # (b, L) the sampler's, at completion positions
+    completion: torch.Tensor,  # (b, L)
+    engines: torch.Tensor,  # (b,) which engine sampled each row
+) -> None:
+    """Accumulate |learner − sampler| per token into engine → [sum, count, max]: the weight-sync health check."""
+    scored = completion[:, 1:].bool()  # (b, L-1), the order of ``learner``
+    delta = (learner - sampler[:, 1:][scored]).abs()  # (n,)
+    token_engine = engines[torch.nonzero(scored, as_tuple=True)[0]]  # (n,)
+    for engine in torch.unique(token_engine).tolist():
+        mine = delta[token_engine == engine]
+        entry = drift.setdefault(int(engine), [0.0, 0.0, 0.0])
+        entry[0] += float(mine.sum())
+        entry[1] += float(mine.numel())
+        entry[2] = max(entry[2], float(mine.max()))

@@ -84,6 +84,8 @@ class ActorsConfig(_Section):
     """Bucket size in MiB of collective weight broadcasts: the most an engine worker buffers at once."""
     logprobs: Literal["raw", "processed"] = "raw"
     """Rollout logprobs: raw = log-softmax of the model's logits (π_θ at T=1); processed = after temperature/top-k."""
+    drift_warn: float = 0.1
+    """Warn when an engine's per-token log-probs differ from the learner's by more than this on average (nats)."""
 
     def __post_init__(self) -> None:
         k = self._key
@@ -116,6 +118,7 @@ class ActorsConfig(_Section):
         )
         _require(self.bucket_mb > 0, k("bucket_mb"), self.bucket_mb, "> 0")
         _require(self.logprobs in ("raw", "processed"), k("logprobs"), self.logprobs, "raw or processed")
+        _require(self.drift_warn > 0, k("drift_warn"), self.drift_warn, "> 0")
 
 
 @dataclass(frozen=True)

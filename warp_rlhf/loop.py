@@ -70,6 +70,8 @@ class Trainer:
                 self.sft_dir,
                 cfg.learners,
                 beta=cfg.warp.beta,
+                temperature=cfg.actors.temperature,
+                sampler_logprobs=cfg.actors.logprobs,
                 mu=cfg.warp.mu,
                 dtype=dtype,
                 seed=seed,
@@ -176,6 +178,11 @@ class Trainer:
                 row["learner_step" if key == "step" else key] = value
         global_step = self.version_base(i) - (i - 1) + t
         self.metrics.append(row, global_step)
+        for engine, (mean, peak) in sorted(stats.get("drift_by_engine", {}).items()):
+            if mean > self.cfg.actors.drift_warn:  # the weights an engine sampled with are not the learner's
+                log.warning("iteration %d run %d step %d: engine %d's log-probs differ from the learner's by %.3g "
+                            "per token on average (max %.3g; actors.drift_warn = %g): a partial or stale weight load?",
+                            i, run.index, t, engine, mean, peak, self.cfg.actors.drift_warn)  # fmt: skip
         self.progress.update(1)
         self.progress.set_postfix(iter=i, run=run.index, step=t, reward=f"{row.get('reward', 0):.3f}",
                                   kl=f"{row.get('kl', 0):.3f}")  # fmt: skip

@@ -74,6 +74,7 @@ def test_score_rollouts_applies_length_penalty():
         "iteration": [1, 1],
         "step": [0, 0],
         "version": [0, 0],
+        "engine": [0, 0],
     }
     table = pa.Table.from_pydict(rows, schema=ROLLOUT_SCHEMA)
     scored = score_rollouts(table, CallableReward("tests.actors.test_rewards:chars"), length_penalty=0.5)

@@ -22,6 +22,7 @@ def _table() -> pa.Table:
         "iteration": [1, 1, 1],
         "step": [3, 3, 3],
         "version": [7, 7, 7],
+        "engine": [0, 1, 1],
     }
     return pa.Table.from_pydict(rows, schema=ROLLOUT_SCHEMA)
 
@@ -39,3 +40,9 @@ def test_to_tensors_masks_completions():
     assert batch["input_ids"].tolist()[2] == [2, 3, 0, 9]
     assert batch["completion_mask"].sum().item() == 6
     assert batch["attention_mask"].tolist()[0] == [1, 1, 1, 0]
+    # The sampler's log-prob of each completion token sits at that token's position (0 elsewhere).
+    import torch
+
+    torch.testing.assert_close(batch["sampler_logprobs"][1], torch.tensor([0.0, -0.1, -0.2, -0.3]))
+    scored = batch["sampler_logprobs"][batch["completion_mask"]]
+    torch.testing.assert_close(scored, torch.tensor([-0.5, -1.0, -0.1, -0.2, -0.3, -2.0]))

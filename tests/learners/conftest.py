@@ -46,6 +46,7 @@ def make_rollouts(
         "iteration": [1] * n,
         "step": [0] * n,
         "version": [0] * n,
+        "engine": [0] * n,
     }
     return pa.table(columns, schema=ROLLOUT_SCHEMA)
 

@@ -51,7 +51,7 @@ def test_sequence_logprobs_sum_teacher_forced_completion_tokens():
 def test_entropy_is_mean_token_entropy_of_the_completion():
     model = Bigram()
     ids, attention, completion = toy_batch()
-    _, entropy = sequence_logprobs_and_entropy(model, ids, attention, completion)
+    _, entropy, _ = sequence_logprobs_and_entropy(model, ids, attention, completion)
     p = torch.softmax(model.table.detach(), -1)
     h = -(p * p.log()).sum(-1)  # entropy of each row of the table
     expected = [np.mean([float(h[ids[b, t - 1]]) for t in range(1, 4) if completion[b, t]]) for b in range(4)]

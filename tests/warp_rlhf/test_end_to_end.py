@@ -50,11 +50,27 @@ def test_output_contract(smoke_run: Path) -> None:
     assert keys == {(i, m, t) for i in (1, 2) for m in (1, 2) for t in (0, 1)}
     for column in ("reward", "kl", "loss", "entropy", "completion_tokens", "generate_s", "learn_s", "sync_s"):
         assert column in metrics[0], column
+    # The weight-sync health check: the learner's per-token log-probs against the sampler's, every step.
+    assert all(0 <= r["drift_mean"] <= r["drift_max"] < 1.0 for r in metrics)
     samples = pq.read_table(smoke_run / "samples").to_pylist()  # a directory of Parquet parts
     assert len(samples) == 2 * 2 * 2 * 4 * 2  # iterations × runs × steps × prompts × samples
     assert all(s["reward"] is not None for s in samples)
     assert list((smoke_run / "tensorboard").glob("events.out.tfevents.*"))
     assert not (smoke_run / "state" / "iter-1").exists()  # step state is dropped once merged
+
+
+def test_every_rollout_is_on_policy(smoke_run: Path) -> None:
+    """Step t of iteration i samples with weights version base(i) + t; step 0's KL is 0 (anchor = policy = θ_init)."""
+    steps = {1: 2, 2: 2}
+    base = {i: sum(steps[k] for k in range(1, i)) + i - 1 for i in steps}
+    samples = pq.read_table(smoke_run / "samples").to_pylist()
+    assert {(s["iteration"], s["step"], s["version"]) for s in samples} == {
+        (i, t, base[i] + t) for i in steps for t in range(steps[i])
+    }
+    metrics = pq.read_table(smoke_run / "metrics.parquet").to_pylist()
+    first = [r for r in metrics if r["step"] == 0]
+    assert len(first) == 4 and all(r["kl"] == pytest.approx(0.0, abs=1e-6) for r in first)
+    assert all(r["version"] == base[r["iteration"]] + r["step"] + 1 for r in metrics)  # the version after the step
 
 
 def test_merge_recomputes_from_saved_checkpoints(smoke_run: Path) -> None:
