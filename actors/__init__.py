@@ -2,8 +2,8 @@
 
 Importing this package imports none of vllm, ray, torch or deepspeed: the public names below are
 resolved on first use (PEP 562), so the CLI and config validation stay fast. Nothing here ever
-imports deepspeed; learners import only :mod:`actors.rollout` (and :mod:`actors.transport` for
-:class:`~actors.transport.WeightSender`).
+imports deepspeed; learners import only the wire contracts :mod:`actors.rollout` and
+:mod:`actors.broadcast` (the collective weight broadcast their rank 0 sends).
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ _EXPORTS = {
     "to_tensors": "actors.rollout",
     "GenerationEngine": "actors.engine",
     "GenerationError": "actors.engine",
+    "STALE": "actors.engine",
+    "WeightMismatchError": "actors.engine",
+    "PartialLoadError": "actors.engine",
     "ActorPool": "actors.pool",
     "PoolError": "actors.pool",
     "Reward": "actors.rewards",
@@ -28,7 +31,8 @@ _EXPORTS = {
     "RemoteReward": "actors.rewards",
     "make_reward": "actors.rewards",
     "score_rollouts": "actors.rewards",
-    "WeightSender": "actors.transport",
+    "BroadcastSender": "actors.broadcast",
+    "WeightPublisher": "actors.transport",
     "ObjectStoreTransport": "actors.transport",
     "CollectiveTransport": "actors.transport",
     "make_transport": "actors.transport",

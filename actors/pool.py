@@ -7,7 +7,10 @@ across engines in contiguous shards, and returns one table in prompt order. Weig
 through the transport chosen in config (:mod:`actors.transport`) from a source: FlatWeights, an
 ObjectRef to them, or a publisher (the learner). A dead engine is replaced by a fresh one in the same
 placement group that gets the latest weights before its shard is retried once; a second failure is a
-:class:`PoolError`.
+:class:`PoolError`. A weight load that failed part-way leaves an engine stale (see
+:mod:`actors.engine`): the sync treats it as dead. A load refused before writing (the weights' names
+or shapes are not the model's) is the source's fault, the same on every engine: the sync raises
+PoolError naming the tensors at once, and every engine keeps serving the previous version.
 
 Imports ray, pyarrow and numpy; vllm only inside the engine actors; never deepspeed.
 """
@@ -23,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from actors.engine import GenerationEngine, prompt_texts
+from actors.engine import GenerationEngine, WeightMismatchError, prompt_texts
 from actors.transport import WeightTransport, make_transport
 
 if TYPE_CHECKING:
@@ -119,12 +122,16 @@ class ActorPool:
         bounds = np.linspace(0, rows, min(len(self.engines), rows) + 1).astype(int)
         return [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
 
-    def score(self, rollouts: pa.Table) -> np.ndarray:
-        """Completion log-probabilities of every row under the pool's current weights (B,), rows split over engines."""
+    def score(self, rollouts: pa.Table, temperature: float = 1.0) -> np.ndarray:
+        """Completion log-probabilities at ``temperature`` under the current weights (B,), rows split over engines.
+
+        See GenerationEngine.score: log-softmax(logits / T) over the whole vocabulary, teacher-forced.
+        """
         import ray
 
         parts = [rollouts.slice(lo, hi - lo) for lo, hi in self._shards(rollouts.num_rows)]
-        return np.concatenate(ray.get([e.score.remote(part) for e, part in zip(self.engines, parts, strict=False)]))
+        scores = [e.score.remote(part, temperature) for e, part in zip(self.engines, parts, strict=False)]
+        return np.concatenate(ray.get(scores))
 
     def _replace(self, index: int) -> None:
         """Start a new engine in slot ``index`` and bring it to the pool's latest weights version."""
@@ -140,8 +147,10 @@ class ActorPool:
                 ray.get(self.engines[index].load_weights.remote(as_ref(self._source, self.version), self.version))
             else:
                 ray.get(self.engines[index].ping.remote())
-        except ray.exceptions.RayActorError as exc:
-            raise PoolError(f"replacement engine {index} failed to start: {exc}") from exc
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+            raise PoolError(
+                f"replacement engine {index} failed to start or to load weights version {self.version}: {_cause(exc)}"
+            ) from exc
         self.transport.reset()  # a collective group no longer has this engine's worker in it
 
     # ---------------------------------------------------------------------------------------------
@@ -155,16 +164,23 @@ class ActorPool:
         """
         import ray
 
+        previous = self._source, self.version
         # Kept for replacement engines (exported to the object store only if one is needed).
         self._source, self.version = source, int(version)
         try:
-            failed = self._wait_loads(self.transport.send(self.engines, source, version))
+            results = self._get_each(self.transport.send(self.engines, source, version))
         except (RuntimeError, ray.exceptions.RayError) as exc:  # the sender's side of a broken broadcast
             log.warning("weight broadcast failed (%s); falling back to the object store", exc)
             self.transport.reset()
             failed = [i for i, alive in enumerate(self._alive()) if not alive]
             self._recover_sync(failed, reload_survivors=True)
             return
+        refused = [i for i, r in enumerate(results) if isinstance(r, WeightMismatchError)]
+        if refused:  # nothing was written anywhere; a replacement engine would refuse the same source
+            self._source, self.version = previous
+            error = results[refused[0]]
+            raise PoolError(f"engines {refused} refused weights version {version}: {_cause(error)}") from error
+        failed = [i for i, r in enumerate(results) if isinstance(r, Exception)]
         if failed:
             self._recover_sync(failed, reload_survivors=self.cfg.weight_transport != "object_store")
 
@@ -180,27 +196,28 @@ class ActorPool:
         for ref in refs:
             try:
                 results.append(ray.get(ref, timeout=timeout))
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
-                results.append(exc)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ray.exceptions.RayTaskError) as exc:
+                results.append(exc)  # a task error: a refused load, or one that failed part-way (a stale engine)
         return results
 
-    def _wait_loads(self, refs: list[Any]) -> list[int]:
-        return [i for i, r in enumerate(self._get_each(refs)) if isinstance(r, Exception)]
-
     def _recover_sync(self, failed: list[int], reload_survivors: bool) -> None:
-        """Replace dead engines (they load the latest weights); after a broken broadcast, survivors reload too."""
+        """Replace failed engines (they load the latest weights); after a broken broadcast, survivors reload too."""
 
-        log.warning("engines %s died during a weight sync; replacing them", failed)
+        log.warning("engines %s died or failed a weight load part-way; replacing them", failed)
         for i in failed:
             self._replace(i)
         if reload_survivors:
             from actors.transport import as_ref
 
-            survivors = [e for i, e in enumerate(self.engines) if i not in failed]
+            survivors = [i for i in range(len(self.engines)) if i not in failed]
             latest = as_ref(self._source, self.version)
-            stale = self._wait_loads([e.load_weights.remote(latest, self.version) for e in survivors])
-            if stale:
-                raise PoolError(f"weight sync to version {self.version} failed twice on engines {stale}")
+            loads = [self.engines[i].load_weights.remote(latest, self.version) for i in survivors]
+            errors = {i: r for i, r in zip(survivors, self._get_each(loads), strict=True) if isinstance(r, Exception)}
+            if errors:
+                first = _cause(next(iter(errors.values())))
+                raise PoolError(
+                    f"weight sync to version {self.version} failed twice on engines {list(errors)}: {first}"
+                )
         versions = self.versions()
         if any(v != self.version for v in versions):
             raise PoolError(f"engines hold weight versions {versions} after sync to {self.version}")
@@ -226,3 +243,8 @@ class ActorPool:
                 ray.get(stop, timeout=60)
             ray.kill(engine, no_restart=True)
         self._source = None
+
+
+def _cause(error: BaseException) -> BaseException:
+    """The engine's own exception inside a Ray task error (its message names the tensors or the failure)."""
+    return getattr(error, "cause", None) or error

@@ -306,13 +306,21 @@ class EvalConfig(_Section):
     max_prompts: int = 0
     """Use at most this many held-out prompts (0: all)."""
     etas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-    """η' of the LITI family (1-η')θ_sft + η'θ_slerp evaluated on the Pareto front."""
+    """η' of the LITI family (1-η')θ_sft + η'θ_slerp on the Pareto front; η' > 1 extrapolates past θ_slerp (ExPO)."""
+    temperature: float = 0.0
+    """Sampling temperature of the evaluation, and of its KL (0: the run's actors.temperature, the trained setting)."""
+    top_k: int = 0
+    """Top-k of the evaluation sampler (0: the run's actors.top_k; -1: off); the KL is scored without truncation."""
 
     def __post_init__(self) -> None:
         k = self._key
         _require(self.samples_per_prompt >= 1, k("samples_per_prompt"), self.samples_per_prompt, ">= 1")
         _require(self.max_prompts >= 0, k("max_prompts"), self.max_prompts, ">= 0")
-        _require(all(0 <= e <= 1 for e in self.etas), k("etas"), list(self.etas), "values in [0, 1]")
+        _require(all(0 <= e <= 2 for e in self.etas), k("etas"), list(self.etas),
+                 "values in [0, 2] (above 1: extrapolation past θ_slerp)")  # fmt: skip
+        _require(self.temperature >= 0, k("temperature"), self.temperature,
+                 "> 0, or 0 for the run's actors.temperature (greedy decoding has no KL to estimate)")  # fmt: skip
+        _require(self.top_k >= -1, k("top_k"), self.top_k, "0 (the run's actors.top_k), -1 (off) or >= 1")
 
 
 @dataclass(frozen=True)

