@@ -117,15 +117,48 @@ def full_parameters(module: torch.nn.Module, modify: bool = False) -> Iterator[t
             yield name, param.data
 
 
-def master_parameters(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+def master_parameters(module: torch.nn.Module, optimizer: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, full fp32 master weight) pairs from DeepSpeed's optimizer, whatever the ZeRO stage.
 
-    DeepSpeed keeps the fp32 copy of a bf16 model partitioned (ZeRO 1-3) or flat (its bf16 optimizer);
-    ``safe_get_full_fp32_param`` assembles one parameter at a time, collectively: every rank must
-    iterate to the end. A parameter without a master copy (an fp32 model) yields itself.
+    DeepSpeed keeps the fp32 copy of a bf16 model partitioned (ZeRO 1-3, where ``safe_get_full_fp32_param``
+    assembles one parameter at a time, collectively: every rank must iterate to the end) or, without
+    ZeRO, flat per parameter group in its FP16_Optimizer (also used for bf16). A bf16 parameter with no
+    master copy anywhere is an error, never a silent bf16 "master".
     """
     from deepspeed.utils import safe_get_full_fp32_param
 
+    flat = _flat_masters(optimizer)
     for name, param in module.named_parameters():
         master = safe_get_full_fp32_param(param)
-        yield name, (master if master is not None else param.data)
+        if master is None:
+            master = flat.get(id(param))
+        if master is None:
+            if not param.dtype.is_floating_point or param.element_size() == 4:
+                master = param.data  # already fp32: the weights are their own master
+            else:
+                raise RuntimeError(f"no fp32 master weight for {name!r} in {type(optimizer).__name__}")
+        yield name, master
+
+
+def _flat_masters(optimizer: Any) -> dict[int, torch.Tensor]:
+    """id(param) → its fp32 master, for DeepSpeed's FP16 optimizers (also used for bf16 without ZeRO).
+
+    FP16_UnfusedOptimizer (any client optimizer, e.g. torch AdamW) keeps one fp32 tensor per parameter
+    in ``fp32_groups``; FP16_Optimizer keeps each group flat in ``fp32_groups_flat``.
+    """
+    groups = getattr(optimizer, "fp16_groups", None)
+    if not groups:
+        return {}
+    if getattr(optimizer, "fp32_groups", None):
+        return {id(p): m for params, masters in zip(groups, optimizer.fp32_groups, strict=True)
+                for p, m in zip(params, masters, strict=True)}  # fmt: skip
+    flats = getattr(optimizer, "fp32_groups_flat", None)
+    if not flats:
+        return {}
+    views = {}
+    for params, flat in zip(groups, flats, strict=True):
+        offset = 0
+        for param in params:  # _flatten_dense_tensors packs them back to back, in this order
+            views[id(param)] = flat[offset : offset + param.numel()].view(param.shape)
+            offset += param.numel()
+    return views

@@ -315,7 +315,10 @@ class LearnerRank:
 
         module = self.engine.module
         copy_out = zero3(module) or self.device.type != "cpu"  # gathered/GPU tensors do not outlive the loop
-        pairs = master_parameters(module) if master and self.dtype != "float32" else full_parameters(module)
+        if master and self.dtype != "float32":
+            pairs = master_parameters(module, self.engine.optimizer)
+        else:
+            pairs = full_parameters(module)
         if self.rank != 0:
             for _ in pairs:
                 pass

@@ -104,7 +104,8 @@ def test_uneven_zero3_batches_finish_and_match_one_rank(runs) -> None:
         assert float((a - b).abs().max()) <= 1e-5, name
 
 
-def test_final_policy_is_fp32_master_weights_and_merges_like_float64(tiny_model_dir, tmp_path) -> None:
+@pytest.mark.parametrize("stage", [0, 2])  # DeepSpeed keeps the masters in its FP16 optimizer (0) or ZeRO's (2)
+def test_final_policy_is_fp32_master_weights_and_merges_like_float64(tiny_model_dir, tmp_path, stage) -> None:
     """bf16 training at a small lr: the bf16 weights barely move, the fp32 masters do; SLERP uses the masters."""
     from learners.learner import LearnerRank
     from merger.service import Merger
@@ -112,7 +113,7 @@ def test_final_policy_is_fp32_master_weights_and_merges_like_float64(tiny_model_
     from warp_rlhf.models import resolve_model
 
     bf16_dir = resolve_model("tiny-llama", dtype="bfloat16")
-    cfg = LearnersConfig(zero_stage=2, lr=2e-5, warmup_steps=0, micro_batch_size=8)
+    cfg = LearnersConfig(zero_stage=stage, lr=2e-5, warmup_steps=0, micro_batch_size=8)
     rank = LearnerRank(bf16_dir, cfg, beta=0.1, mu=0.01, dtype="bfloat16", seed=0)
     try:
         init = rank.weights()
