@@ -105,27 +105,29 @@ def test_uneven_zero3_batches_finish_and_match_one_rank(runs) -> None:
 
 
 @pytest.mark.parametrize("stage", [0, 2])  # DeepSpeed keeps the masters in its FP16 optimizer (0) or ZeRO's (2)
-def test_final_policy_is_fp32_master_weights_and_merges_like_float64(tiny_model_dir, tmp_path, stage) -> None:
+@pytest.mark.ray
+def test_final_policy_is_fp32_master_weights_and_merges_like_float64(ray_cluster, tiny_model_dir, tmp_path, stage):
     """bf16 training at a small lr: the bf16 weights barely move, the fp32 masters do; SLERP uses the masters."""
-    from learners.learner import LearnerRank
+    from learners.group import LearnerGroup
     from merger.service import Merger
     from warp_rlhf.config import config_from_dict
     from warp_rlhf.models import resolve_model
 
     bf16_dir = resolve_model("tiny-llama", dtype="bfloat16")
-    cfg = LearnersConfig(zero_stage=stage, lr=2e-5, warmup_steps=0, micro_batch_size=8)
-    rank = LearnerRank(bf16_dir, cfg, beta=0.1, mu=0.01, dtype="bfloat16", seed=0)
+    cfg = LearnersConfig(num_cpus=1, zero_stage=stage, lr=2e-5, warmup_steps=0, micro_batch_size=8)
+    # A Ray actor, not this process: in-process learners of other tests leave process groups behind.
+    learner = LearnerGroup(bf16_dir, cfg, beta=0.1, mu=0.01, dtype="bfloat16", seed=0)
     try:
-        init = rank.weights()
+        init = learner.weights()
         policies, rounded = [], []
         for seed in (1, 2):
-            rank.load_init(init)
+            learner.load_init(init)
             for s in range(3):
-                rank.step(make_rollouts(groups=4, samples=4, seed=10 * seed + s))
-            policies.append(rank.weights(master=True))
-            rounded.append(rank.weights())
+                learner.step(make_rollouts(groups=4, samples=4, seed=10 * seed + s))
+            policies.append(learner.weights(master=True))
+            rounded.append(learner.weights())
     finally:
-        rank.shutdown()
+        learner.shutdown()
     assert {s.dtype for s in policies[0].specs} == {"float32"} and {s.dtype for s in init.specs} == {"bfloat16"}
     theta0 = {n: t.double() for n, t in init.tensors()}
     deltas = [{n: t.double() - theta0[n] for n, t in p.tensors()} for p in policies]

@@ -175,12 +175,18 @@ def _wait_for_node(head: Head, address: str, process: subprocess.Popen) -> bool:
     return False
 
 
-def _state(head: Head, kind: str) -> list[dict]:
-    """Ray's own state (`ray list <kind> --detail`), dead actors and removed groups included."""
+def _state(head: Head, kind: str, attempts: int = 10) -> list[dict]:
+    """Ray's own state (`ray list <kind> --detail`), dead actors and removed groups included.
+
+    Right after the head's job API answers, its state API may still print nothing: asked again then.
+    """
     cmd = ["list", kind, "--address", head.dashboard, "--detail", "--format", "json", "--limit", "10000"]
-    result = _ray(head, *cmd, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return json.loads(result.stdout)
+    for _ in range(attempts):
+        result = _ray(head, *cmd, timeout=120)
+        if result.returncode == 0 and result.stdout.strip():
+            return json.loads(result.stdout)
+        time.sleep(3)
+    raise AssertionError(f"`ray list {kind}` gave no state ({result.returncode}): {result.stderr[-2000:]}")
 
 
 def _stop_head(head: Head) -> None:

@@ -249,8 +249,9 @@ def test_zero_stages_partition_in_order(stage: int, split: tuple[int, ...]) -> N
 
 
 def test_anchor_on_cpu_and_float32() -> None:
-    on_cpu = learner_estimate(gpu_7b("learners.anchor_on_cpu=true"), shape(7e9))
-    assert "EMA anchor" not in dict(on_cpu.gpu) and dict(on_cpu.host)["EMA anchor"] == pytest.approx(5.25e9 / GIB)
+    # anchor_on_cpu is for ZeRO 0-2 (the ZeRO-3 anchor is partitioned instead): a full anchor in host RAM.
+    on_cpu = learner_estimate(gpu_7b("learners.zero_stage=2", "learners.anchor_on_cpu=true"), shape(7e9))
+    assert "EMA anchor" not in dict(on_cpu.gpu) and dict(on_cpu.host)["EMA anchor"] == pytest.approx(42e9 / GIB)
     fp32 = dict(learner_estimate(gpu_7b("model.dtype=float32", "learners.zero_stage=0"), shape(7e9)).gpu)
     assert "fp32 master weights" not in fp32 and fp32["EMA anchor"] == pytest.approx(28e9 / GIB)  # no bf16 copy
 
