@@ -178,13 +178,17 @@ def _wait_for_node(head: Head, address: str, process: subprocess.Popen) -> bool:
 def _state(head: Head, kind: str, attempts: int = 10) -> list[dict]:
     """Ray's own state (`ray list <kind> --detail`), dead actors and removed groups included.
 
-    Right after the head's job API answers, its state API may still print nothing: asked again then.
+    The CLI prints "No resource in the cluster" instead of an empty JSON list (right after the head
+    starts, even for nodes); any other output that is not JSON is asked for again.
     """
     cmd = ["list", kind, "--address", head.dashboard, "--detail", "--format", "json", "--limit", "10000"]
     for _ in range(attempts):
         result = _ray(head, *cmd, timeout=120)
-        if result.returncode == 0 and result.stdout.strip():
-            return json.loads(result.stdout)
+        out = result.stdout.strip()
+        if result.returncode == 0 and out.startswith("["):
+            return json.loads(out)
+        if result.returncode == 0 and out.startswith("No resource"):
+            return []
         time.sleep(3)
     raise AssertionError(f"`ray list {kind}` gave no state ({result.returncode}): {result.stderr[-2000:]}")
 
