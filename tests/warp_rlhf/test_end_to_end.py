@@ -111,7 +111,8 @@ def test_final_checkpoints_load_in_vllm(smoke_run: Path) -> None:
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().splitlines()[-2:] == ["5", "5"]
+    counts = [line for line in result.stdout.splitlines() if line.strip().isdigit()]  # vLLM logs to stdout too
+    assert counts == ["5", "5"], result.stdout[-2000:]
 
 
 def test_eval_writes_the_pareto_front(smoke_run: Path) -> None:
