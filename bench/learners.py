@@ -109,6 +109,17 @@ def timed(fn, *args) -> float:
     return time.perf_counter() - start
 
 
+def median_seconds(steps: dict, table: pa.Table, warmup: int, repeats: int) -> dict[str, float]:
+    """Median seconds of each step function; they alternate, so load from other processes hits them alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(warmup + repeats):
+        for name, step in steps.items():
+            seconds = timed(step, table)
+            if i >= warmup:
+                times[name].append(seconds)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     from learners.learner import LearnerRank
 
@@ -122,18 +133,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     for stage in args.stages:
         cfg = LearnersConfig(zero_stage=stage, lr=1e-6, warmup_steps=0, micro_batch_size=args.micro_batch_size)
         learner = LearnerRank(model_dir, cfg, beta=0.1, mu=0.01, dtype=args.dtype)
-        times: dict[str, list[float]] = {"learner": [], "plain": [], "naive": []}
-        for i in range(args.warmup + args.steps):
-            sample = {
-                "plain": timed(plain.step, table),
-                "learner": timed(learner.step, table),
-                "naive": timed(naive.step, table),
-            }
-            if i >= args.warmup:
-                for key, seconds in sample.items():
-                    times[key].append(seconds)
+        steps = {"plain": plain.step, "learner": learner.step, "naive": naive.step}
+        med = median_seconds(steps, table, args.warmup, args.steps)
         learner.shutdown()
-        med = {k: statistics.median(v) for k, v in times.items()}
         row = {
             "zero_stage": stage,
             "learner_s": round(med["learner"], 3),
@@ -168,14 +170,8 @@ def zero3_rows(args: argparse.Namespace, model_dir, table: pa.Table, plain: Plai
             group = LearnerGroup(model_dir, cfg, beta=0.1, mu=0.01, dtype=args.dtype)
             group.ready()
             held = ray.get([r.__ray_call__.remote(lambda self: self.anchor.local_bytes()) for r in group.ranks])
-            times: dict[str, list[float]] = {"learner": [], "plain": []}
-            for i in range(args.warmup + args.steps):
-                sample = {"plain": timed(plain.step, table), "learner": timed(group.step, table)}
-                if i >= args.warmup:
-                    for key, seconds in sample.items():
-                        times[key].append(seconds)
+            med = median_seconds({"plain": plain.step, "learner": group.step}, table, args.warmup, args.steps)
             group.shutdown()
-            med = {k: statistics.median(v) for k, v in times.items()}
             row = {
                 "zero_stage": 3,
                 "ranks": ranks,

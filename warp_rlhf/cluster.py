@@ -11,14 +11,13 @@ merger get a Ray placement group, all removed when the run ends or fails.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from warp_rlhf.config import Config
-from warp_rlhf.placement import GroupSpec, PlacementError, assign, group_specs, nodes_from_ray
+from warp_rlhf.placement import GroupSpec, PlacementError, assign, group_specs, local_node, nodes_from_ray
 
 # Environment every actor process needs: caches, compiled-op location and vLLM's process mode.
 FORWARDED_ENV = ("WARP_RLHF_CACHE", "TORCH_EXTENSIONS_DIR", "VLLM_CPU_NUM_OF_RESERVED_CPU", "HF_HUB_OFFLINE")
@@ -39,12 +38,6 @@ def worker_env(cfg: Config) -> dict[str, str]:
     return env
 
 
-def local_resources(cfg: Config) -> dict[str, float]:
-    """Custom resources a local (single-node) cluster declares, so a config that names node roles runs on it."""
-    names = {cfg.resources.learner_resource, cfg.resources.rollout_resource} - {""}
-    return {name: 1.0 for name in sorted(names)}
-
-
 def connect(cfg: Config, specs: list[GroupSpec] | None = None) -> bool:
     """Join or start Ray and check that ``specs`` (default: the whole run) fit; True when this call started Ray."""
     import ray
@@ -55,11 +48,11 @@ def connect(cfg: Config, specs: list[GroupSpec] | None = None) -> bool:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         started = False
     else:
-        # A local cluster is sized to the run: logical CPUs are a scheduling device, not a thread count.
-        need = sum(bundle.get("CPU", 0.0) for spec in specs or group_specs(cfg, []) for bundle in spec.bundles)
-        cpus = cfg.resources.num_cpus or max(os.cpu_count() or 1, math.ceil(need))
-        ray.init(num_cpus=cpus, resources=local_resources(cfg), include_dashboard=False, runtime_env=runtime_env,
-                 log_to_driver=False)  # fmt: skip
+        # The node `warp-rlhf plan` assumes: CPUs sized to the run, the config's node-role resources.
+        node = local_node(cfg, specs)
+        custom = {name: amount for name, amount in node.resources.items() if name != "CPU"}
+        ray.init(num_cpus=int(node.resources["CPU"]), resources=custom, include_dashboard=False,
+                 runtime_env=runtime_env, log_to_driver=False)  # fmt: skip
         started = True
     try:
         check_fits(cfg, specs)

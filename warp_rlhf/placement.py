@@ -330,10 +330,11 @@ def _ray_node_type(resources: dict[str, float]) -> str:
     return "head" if "node:__internal_head__" in resources else "node"
 
 
-def local_node(cfg: Config) -> Node:
+def local_node(cfg: Config, specs: list[GroupSpec] | None = None) -> Node:
     """This machine as the one node of the local cluster the driver starts (warp_rlhf.cluster.connect): no GPUs,
-    CPUs sized to the run (logical CPUs are a scheduling device), and the config's node-role resources."""
-    need = sum(bundle.get("CPU", 0.0) for spec in group_specs(cfg, []) for bundle in spec.bundles)
+    CPUs sized to ``specs`` (default: the whole run; logical CPUs are a scheduling device), and the config's
+    node-role resources."""
+    need = sum(bundle.get("CPU", 0.0) for spec in specs or group_specs(cfg, []) for bundle in spec.bundles)
     resources = {"CPU": float(cfg.resources.num_cpus or max(os.cpu_count() or 1, math.ceil(need)))}
     for mark in (cfg.resources.learner_resource, cfg.resources.rollout_resource):
         if mark:
