@@ -96,8 +96,7 @@ class EmaAnchor:
 
     def local_bytes(self) -> int:
         """Bytes of every tensor this rank holds for the anchor (module copy and accumulators, once each)."""
-        tensors = {id(t): t for t in [*self.ema.values(), *(p.data for p in self.params.values())]}
-        return sum(t.numel() * t.element_size() for t in tensors.values())
+        return held_bytes([*self.ema.values(), *(p.data for p in self.params.values())])
 
     def gathered(self) -> dict[str, torch.Tensor]:
         """The full fp32 θ_ema (here: the accumulators themselves, on CPU)."""
@@ -176,8 +175,7 @@ class PartitionedAnchor:
         return sequence_logprobs(self.engine, input_ids, attention_mask, completion_mask, temperature)
 
     def local_bytes(self) -> int:
-        tensors = {id(t): t for t in [*self.ema.values(), *(p.ds_tensor.data for p in self.params.values())]}
-        return sum(t.numel() * t.element_size() for t in tensors.values())
+        return held_bytes([*self.ema.values(), *(p.ds_tensor.data for p in self.params.values())])
 
     @torch.no_grad()
     def gathered(self) -> dict[str, torch.Tensor]:
@@ -211,6 +209,12 @@ class PartitionedAnchor:
         for name in self._rounded:
             self.params[name].ds_tensor.data.copy_(self.ema[name])
         self.updates = updates
+
+
+def held_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the storages behind ``tensors``, each counted once (an fp32 accumulator *is* the fp32 weight)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
 
 
 def _check_complete(expected: dict[str, torch.Tensor], given: set[str]) -> None:

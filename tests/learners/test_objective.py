@@ -146,6 +146,12 @@ def test_bf16_anchor_accumulates_in_fp32():
     torch.testing.assert_close(ema, torch.full((2,), 0.25))
 
 
+@pytest.mark.parametrize(("dtype", "bytes_per_param"), [(torch.float32, 4), (torch.bfloat16, 2 + 4)])
+def test_anchor_bytes_count_each_storage_once(dtype: torch.dtype, bytes_per_param: int):
+    anchor = EmaAnchor(torch.nn.Linear(8, 4).to(dtype), mu=0.01)  # fp32: the accumulator is the weight itself
+    assert anchor.local_bytes() == (8 * 4 + 4) * bytes_per_param
+
+
 def test_split_groups_keeps_prompts_whole_and_balances_rows():
     gids = np.repeat([5, 1, 9, 3, 7], [4, 4, 2, 4, 2])
     parts = split_groups(gids, 2)
