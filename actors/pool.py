@@ -49,7 +49,9 @@ class ActorPool:
         dtype: str = "bfloat16",
         seed: int = 0,
         placement_groups: Sequence[Any] | None = None,
+        wait: bool = True,
     ) -> None:
+        """Start the engines; with ``wait`` (default) return once they are built, else call :meth:`ready`."""
         import ray
 
         if placement_groups is not None and len(placement_groups) != cfg.engines_per_run:
@@ -59,12 +61,19 @@ class ActorPool:
         self._remote = ray.remote(GenerationEngine)
         self._restarts = 0
         self.engines = self.start_engines()
-        ray.get([engine.ping.remote() for engine in self.engines])
+        if wait:
+            self.ready()
         self.transport: WeightTransport = make_transport(
             cfg.weight_transport, cfg.num_gpus, int(cfg.bucket_mb * (1 << 20))
         )
         self.version = 0
         self._source: Any = None  # what the latest sync loaded from, for replacement engines
+
+    def ready(self) -> None:
+        """Wait until every engine has built its vLLM engine; raises an engine's start-up error."""
+        import ray
+
+        ray.get([engine.ping.remote() for engine in self.engines])
 
     def start_engines(self) -> list[Any]:
         """Start every engine without waiting for them (the driver starts all runs' actors at once)."""

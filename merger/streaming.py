@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 import torch
+from tqdm import tqdm
 
 from merger.checkpoint import Checkpoint, CheckpointWriter, Layout, check_compatible, check_output, tensor_nbytes
 from merger.errors import CheckpointError
@@ -152,13 +153,15 @@ def merge_checkpoints(
     merged_dir: str | Path | None = None,
     shard_size_mb: int = 2048,
     overwrite: bool = False,
+    progress: bool = False,
 ) -> Path:
     """Merge HF checkpoints into ``out_dir``, streaming; config and tokenizer come from ``init_dir``.
 
     ``out_dir`` receives θ_merge = SLERP (λ = ``lam``, default 1/2; 1/k for M > 2) or LERP (uniform)
     of the policies' task vectors, or with ``eta`` the LITI result (1 − η) θ_init + η θ_merge; then
     ``merged_dir``, if given, also receives θ_merge. Every check (inputs, architectures, outputs)
-    runs before the first byte is written, and an output appears only when complete.
+    runs before the first byte is written, and an output appears only when complete. ``progress``
+    shows a bar of bytes merged (the command line's).
     """
     check_request(method, len(policy_dirs), lam, eta, granularity)
     outputs = [Path(out_dir)] + ([Path(merged_dir)] if merged_dir is not None else [])
@@ -172,10 +175,13 @@ def merge_checkpoints(
             for out in outputs
         ]
         stream = merge_stream(init, policies, method, lam, eta, granularity, keep_merged=merged_dir is not None)
+        bar = tqdm(total=init.nbytes, unit="B", unit_scale=True, desc=f"merge ({method})", disable=not progress)
         for name, merged, out in stream:
             writers[0].write(name, out)
             if merged_dir is not None:
                 writers[1].write(name, merged)
+            bar.update(init.entries[name].nbytes)
+        bar.close()
     return outputs[0]
 
 

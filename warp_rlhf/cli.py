@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,8 +37,11 @@ def input_errors() -> tuple[type[Exception], ...]:
 
 
 def _config_show(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.overrides)
+    from warp_rlhf.hardware import resolve_dtype
+
+    config, why = resolve_dtype(load_config(args.config, args.overrides))
     sys.stdout.write(dump_config(config))
+    sys.stdout.write(f"# model.dtype = {config.model.dtype}: {why}\n")
     return 0
 
 
@@ -62,6 +66,7 @@ def _merge(args: argparse.Namespace) -> int:
         eta=args.eta,
         granularity=args.granularity,
         shard_size_mb=args.shard_size_mb,
+        progress=True,
     )
     print(out)
     return 0
@@ -88,9 +93,15 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from warp_rlhf.loop import train
+    from warp_rlhf.signals import EXIT_CODE, Interrupted
 
     config = load_config(args.config, args.overrides)
-    out = train(config, resume=args.resume, force=args.force)
+    try:
+        out = train(config, resume=args.resume, force=args.force)
+    except Interrupted as exc:
+        again = shlex.join(["warp-rlhf", "train", "--config", args.config, "--resume", *args.overrides])
+        print(f"warp-rlhf: {exc}; state saved in {config.output.dir}; continue with: {again}", file=sys.stderr)
+        return EXIT_CODE
     print(f"WARP finished: outputs in {out}")
     return 0
 
@@ -166,11 +177,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    from warp_rlhf.hardware import resolve_dtype
     from warp_rlhf.model_size import policy_shape, reward_shape
     from warp_rlhf.placement import local_node, nodes_from_cluster_yaml
     from warp_rlhf.plan import format_plan, plan
 
-    config = load_config(args.config, args.overrides)
+    config, _ = resolve_dtype(load_config(args.config, args.overrides))
     nodes = nodes_from_cluster_yaml(args.cluster) if args.cluster else [local_node(config)]
     result = plan(config, nodes, policy_shape(config, args.params, args.model_config), reward_shape(config))
     print(format_plan(result))
@@ -244,6 +256,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)
+    except KeyboardInterrupt:  # any command but train (which stops cleanly on its own): no traceback
+        print(f"warp-rlhf: {args.command} interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:
         if not isinstance(exc, input_errors()):
             raise

@@ -44,12 +44,14 @@ class ModelConfig(_Section):
 
     path: str = "smollm2-135m"
     """θ_sft: a local Hugging Face directory, or the alias `smollm2-135m` (packaged, converted once)."""
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    """Storage and compute dtype of policies, anchors, engines and checkpoints."""
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """Storage and compute dtype of policies, anchors, engines and checkpoints; auto: bfloat16 where the
+    hardware computes it natively (CUDA since Ampere, CPUs with avx512_bf16 or amx_bf16), float32 otherwise."""
 
     def __post_init__(self) -> None:
         _require(bool(self.path), self._key("path"), self.path, "a model directory or `smollm2-135m`")
-        _require(self.dtype in ("bfloat16", "float32"), self._key("dtype"), self.dtype, "bfloat16 or float32")
+        dtypes = ("auto", "bfloat16", "float32")
+        _require(self.dtype in dtypes, self._key("dtype"), self.dtype, "auto, bfloat16 or float32")
 
 
 @dataclass(frozen=True)

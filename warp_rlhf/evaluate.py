@@ -21,6 +21,7 @@ random numbers (η′ = 1 reproduces the θ_slerp row exactly).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,7 @@ def liti_family(sft: dict, slerp: dict, eta: float) -> dict:
 def evaluate(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> pa.Table:
     """Evaluate every model of the run; writes pareto.parquet and pareto.png; returns the table."""
     import ray
+    from tqdm import tqdm
 
     from actors import ActorPool, make_reward, score_rollouts
     from warp_rlhf.cluster import RunPlacement, connect
@@ -135,9 +137,13 @@ def evaluate(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     try:
         placement = RunPlacement(specs, cfg.resources.placement_timeout_s)
         reward = reward or make_reward(cfg.reward, placement_group=placement.get("reward"))
+        log.info("eval: %d models, %d prompts x %d samples each; starting %d engines", len(models), len(prompts),
+                 sampler.samples_per_prompt, engines.engines_per_run)  # fmt: skip
         pool = ActorPool(cfg.model.path, engines, dtype=cfg.model.dtype, seed=cfg.seed,
                          placement_groups=placement.engines(1))  # fmt: skip
         rows, samples, states = [], [], {}
+        progress = tqdm(total=len(models), desc="eval", unit="model", dynamic_ncols=True)  # with its ETA
+        began = time.perf_counter()
         for version, candidate in enumerate(models, start=1):
             weights = ray.put(load_candidate(candidate, version, states))
             pool.sync(weights, version)
@@ -145,6 +151,11 @@ def evaluate(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
                                   top_k=sampler.top_k, seed=sampler.seed)  # fmt: skip
             table = score_rollouts(table, reward, cfg.reward.length_penalty)
             samples.append((candidate, table, pool.score(table, sampler.temperature)))
+            rate = sum(t.num_rows for _, t, _ in samples) / (time.perf_counter() - began)
+            progress.set_postfix(model=candidate.label, samples_per_s=f"{rate:.1f}")
+            progress.update(1)
+        progress.close()
+        log.info("eval: scoring %d models' samples under θ_sft for the KL", len(samples))
         pool.sync(ray.put(load_candidate(models[0], 0, states)), 0)  # θ_sft scores every model's samples
         for candidate, table, logp in samples:
             logp_sft = pool.score(table, sampler.temperature)

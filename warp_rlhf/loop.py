@@ -27,9 +27,12 @@ from typing import Any
 
 from warp_rlhf.config import Config
 from warp_rlhf.data import PromptSampler, load_prompts
+from warp_rlhf.hardware import resolve_dtype
 from warp_rlhf.models import check_model_matches, resolve_model
 from warp_rlhf.outputs import MetricsLog, RunDir, is_complete_checkpoint, write_atomic, write_parquet_atomic
-from warp_rlhf.resume import prepare_run_dir, resolved
+from warp_rlhf.resume import prepare_run_dir, recorded_dtype, resolved
+from warp_rlhf.signals import Interrupted, StopOnSignal
+from warp_rlhf.startup import StartupTimes
 
 log = logging.getLogger("warp_rlhf")
 
@@ -53,26 +56,43 @@ class Trainer:
     """Holds what one `warp-rlhf train` needs across iterations: config, outputs, actors, merger."""
 
     def __init__(
-        self, cfg: Config, out: RunDir, sft_dir: Path, prompts: list[str], progress: Any, placement: Any
+        self,
+        cfg: Config,
+        out: RunDir,
+        sft_dir: Path,
+        prompts: list[str],
+        progress: Any,
+        placement: Any,
+        stop: threading.Event,
+        startup: StartupTimes,
     ) -> None:
         from actors import make_reward
 
         self.cfg, self.out, self.sft_dir, self.prompts, self.progress = cfg, out, sft_dir, prompts, progress
         self.placement = placement  # warp_rlhf.cluster.RunPlacement
+        self.startup = startup
         self.reward = make_reward(cfg.reward, placement_group=placement.get("reward"))
         self.metrics = MetricsLog(out.metrics, out.root / "tensorboard" if cfg.output.tensorboard else None)
         self.runs: list[Run] = []
-        self.stop = threading.Event()  # set: every run stops at its next step boundary
+        self.stop = stop  # set (by a failing run or by Ctrl-C): every run stops at its next step boundary
 
     def start_runs(self) -> None:
-        """Every run's learner ranks first (they start without waiting), then its engines; all in their groups."""
+        """Every run's engines and learner ranks start at once, each in its group; then wait for them all."""
+        import ray
+
         from actors import ActorPool
         from learners import LearnerGroup
 
         cfg, dtype = self.cfg, self.cfg.model.dtype
         seeds = [cfg.seed + 7919 * m for m in range(1, cfg.warp.runs + 1)]  # runs differ only by seed and prompts
-        learners = [
-            LearnerGroup(
+        began = time.perf_counter()
+        pools = [
+            ActorPool(self.sft_dir, cfg.actors, dtype=dtype, seed=seed, placement_groups=self.placement.engines(m),
+                      wait=False)
+            for m, seed in enumerate(seeds, start=1)
+        ]  # fmt: skip
+        for m, (pool, seed) in enumerate(zip(pools, seeds, strict=True), start=1):
+            learner = LearnerGroup(
                 self.sft_dir,
                 cfg.learners,
                 beta=cfg.warp.beta,
@@ -83,14 +103,16 @@ class Trainer:
                 seed=seed,
                 placement_group=self.placement.learner(m),
             )  # fmt: skip
-            for m, seed in enumerate(seeds, start=1)
-        ]
-        for m, (learner, seed) in enumerate(zip(learners, seeds, strict=True), start=1):
-            engines = self.placement.engines(m)
-            pool = ActorPool(self.sft_dir, cfg.actors, dtype=dtype, seed=seed, placement_groups=engines)
             self.runs.append(Run(m, learner, pool))
-        for run in self.runs:
-            run.learner.ready()
+        self.startup.record("starting actors", time.perf_counter() - began)
+        pending = {ref: "learners" for run in self.runs for ref in (r.ready.remote() for r in run.learner.ranks)}
+        pending |= {ref: "engines" for run in self.runs for ref in (e.ping.remote() for e in run.pool.engines)}
+        while pending:  # whichever finishes first; an actor's start-up error is raised here
+            (done,), _ = ray.wait(list(pending), num_returns=1)
+            ray.get(done)
+            kind = pending.pop(done)
+            if kind not in pending.values():
+                self.startup.record(f"{kind} ready", time.perf_counter() - began)
 
     def record_placement(self) -> None:
         """placement.json: node and process of every learner rank and engine, the rendezvous, the weight sender."""
@@ -120,7 +142,6 @@ class Trainer:
         Fail fast: the first run to fail stops the others at their next step boundary (each writes a
         step checkpoint first, so resume loses nothing), then its original exception is raised.
         """
-        self.stop.clear()
         with ThreadPoolExecutor(len(self.runs), thread_name_prefix="run") as threads:
             futures = [threads.submit(self.train_run, run, i, init_ref) for run in self.runs]
             wait(futures, return_when=FIRST_EXCEPTION)
@@ -157,6 +178,7 @@ class Trainer:
                        "sync_s": time.perf_counter() - learned}  # fmt: skip
             samples.append(rollouts)
             self.record(run, i, t, rollouts, {**stats, **timings})
+            self.startup.first_step()
             if self.checkpoint_due(t, steps):
                 self.checkpoint(run, i, t + 1, samples, first)
                 samples, first = [], t + 1
@@ -263,30 +285,41 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
     from warp_rlhf.cluster import RunPlacement, check_fits, connect
 
     out = RunDir(Path(cfg.output.dir))
+    startup = StartupTimes(out.root / "startup.json")
+    cfg, why = resolve_dtype(cfg, recorded_dtype(out) if resume else None)
+    log.info("model.dtype = %s (%s)", cfg.model.dtype, why)
     prompts = load_prompts(cfg.data.train, cfg.data.prompt_column, "train")  # bad input fails before any work
     load_prompts(cfg.data.eval, cfg.data.prompt_column, "eval")
-    sft_dir = resolve_model(cfg.model.path, cfg.model.dtype)
-    check_model_matches(sft_dir, cfg.model.dtype)  # dtype, architecture, tokenizer: before any work
+    with startup.phase("θ_sft"):  # converted once per machine when it is the packaged model
+        sft_dir = resolve_model(cfg.model.path, cfg.model.dtype)
+        check_model_matches(sft_dir, cfg.model.dtype)  # dtype, architecture, tokenizer: before any work
     cfg = resolved(cfg, sft_dir)
     done = prepare_run_dir(out, cfg, resume=resume, force=force)
     report_merge_failure(out)
     log.info("outputs: %s (θ_sft = %s)", out.root.resolve(), sft_dir)
-    started = connect(cfg)
-    placement = trainer = None
+    signals = StopOnSignal(threading.Event())
+    signals.install()
+    with startup.phase("Ray"):
+        started = signals.ray_started = connect(cfg)
+    signals.install()  # again: ray.init installs its own SIGTERM handler
+    placement = trainer = progress = None
     try:
-        placement = RunPlacement(check_fits(cfg, model_dir=sft_dir), cfg.resources.placement_timeout_s)
+        with startup.phase("placement groups"):
+            placement = RunPlacement(check_fits(cfg, model_dir=sft_dir), cfg.resources.placement_timeout_s)
         total = sum(cfg.warp.steps_in(i) for i in range(1, cfg.warp.iterations + 1)) * cfg.warp.runs
         finished = sum(cfg.warp.steps_in(i) for i in range(1, done + 1)) * cfg.warp.runs
         progress = tqdm(total=total, initial=finished, desc="WARP", unit="step", dynamic_ncols=True)
-        trainer = Trainer(cfg, out, sft_dir, prompts, progress, placement)
+        trainer = Trainer(cfg, out, sft_dir, prompts, progress, placement, signals.stop, startup)
         trainer.metrics.keep(lambda row: row["iteration"] <= done or _before_checkpoint(out, row))
         trainer.start_runs()
         trainer.record_placement()
         merger = MergerService(cfg, sft_dir, placement_group=placement.get("merger"))
-        init_ref = ray.put(load_flat(out.init(done) if done else sft_dir))  # θ_init, in the object store
+        with startup.phase("θ_init into the object store"):
+            init_ref = ray.put(load_flat(out.init(done) if done else sft_dir))
         for i in range(done + 1, cfg.warp.iterations + 1):
             progress.set_description(f"WARP iteration {i}/{cfg.warp.iterations}")
-            policies = trainer.iteration(i, init_ref)
+            with signals.stepping(stopped=RunStopped):
+                policies = trainer.iteration(i, init_ref)
             init_ref = merger.merge(i, init_ref, policies)  # SLERP then LITI; the result stays in the store
             merged(out, i, init_ref)  # a failed merge is recorded and raised before the iteration counts
             out.mark_completed(i)
@@ -294,15 +327,18 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
             shutil.rmtree(out.state / f"iter-{i}", ignore_errors=True)
             log.info("iteration %d merged: %s, %s", i, out.slerp(i), out.init(i))
         trainer.record_placement()  # again: now with the weight senders' broadcast counts
-        progress.close()
         merger.shutdown()
     finally:
-        if trainer is not None:
-            trainer.shutdown()
-        if placement is not None:
-            placement.remove()
-        if started:
-            ray.shutdown()
+        if progress is not None:
+            progress.close()  # before any last message, so the bar is not redrawn after it
+        with signals.cleaning():
+            if trainer is not None:
+                trainer.shutdown()
+            if placement is not None:
+                placement.remove()
+            if started:
+                ray.shutdown()
+        signals.restore()
     return out.root
 
 
@@ -316,6 +352,8 @@ def merged(out: RunDir, i: int, init_ref: Any) -> None:
     failure = out.state / MERGE_FAILURE
     try:
         ray.get(init_ref)
+    except Interrupted:  # Ctrl-C while waiting: the merge itself did not fail
+        raise
     except Exception as exc:
         out.state.mkdir(parents=True, exist_ok=True)
         cause = getattr(exc, "cause", None) or exc  # a RayTaskError carries the merger's own exception

@@ -71,6 +71,14 @@ def prepare_run_dir(out: RunDir, cfg: Config, resume: bool, force: bool) -> int:
     return done
 
 
+def recorded_dtype(out: RunDir) -> str | None:
+    """The model dtype a started run recorded (``model.dtype: auto`` resolved when it began), if any."""
+    if not out.config.is_file():
+        return None
+    saved = yaml.safe_load(out.config.read_text()) or {}
+    return (saved.get("model") or {}).get("dtype")
+
+
 def resolved(cfg: Config, sft_dir: Path) -> Config:
     """The config with model.path pointing at the resolved θ_sft directory."""
     from dataclasses import replace
