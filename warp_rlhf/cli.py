@@ -37,11 +37,13 @@ def input_errors() -> tuple[type[Exception], ...]:
 
 
 def _config_show(args: argparse.Namespace) -> int:
-    from warp_rlhf.hardware import resolve_dtype
+    from warp_rlhf.hardware import emulated_warning, resolve_dtype
 
     config, why = resolve_dtype(load_config(args.config, args.overrides))
     sys.stdout.write(dump_config(config))
     sys.stdout.write(f"# model.dtype = {config.model.dtype}: {why}\n")
+    if warning := emulated_warning(config):
+        sys.stdout.write(f"# warning: {warning}\n")
     return 0
 
 

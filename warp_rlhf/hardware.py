@@ -8,14 +8,11 @@ use and what the run's ``config.yaml`` records, so a run never mixes the two.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import replace
 from functools import cache
 from pathlib import Path
 
 from warp_rlhf.config import Config
-
-log = logging.getLogger("warp_rlhf")
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -72,15 +69,18 @@ def resolve_dtype(cfg: Config, recorded: str | None = None) -> tuple[Config, str
     ``recorded`` is the dtype of the run being resumed: an ``auto`` run keeps it, so a resume on other
     hardware continues the checkpoints it has rather than refusing them.
     """
-    dtype = cfg.model.dtype
-    if dtype != "auto":
-        if dtype == "bfloat16" and not uses_gpus(cfg) and native_bf16_cpu() is None:
-            log.warning("model.dtype = bfloat16 on a CPU without %s (%s): bf16 is emulated here and about 4x "
-                        "slower than float32 (model.dtype: auto picks float32)",
-                        " or ".join(BF16_CPU_FLAGS), cpu_info()[0])  # fmt: skip
+    if cfg.model.dtype != "auto":
         return cfg, "set in the config"
     if recorded is not None:
         chosen, why = recorded, "the dtype of the run being resumed"
     else:
         chosen, why = best_dtype(cfg)
     return replace(cfg, model=replace(cfg.model, dtype=chosen)), f"auto: {why}"
+
+
+def emulated_warning(cfg: Config) -> str | None:
+    """A warning when the run computes in bf16 on a CPU that only emulates it, else None."""
+    if cfg.model.dtype != "bfloat16" or uses_gpus(cfg) or native_bf16_cpu() is not None:
+        return None
+    return (f"model.dtype = bfloat16 on a CPU without {' or '.join(BF16_CPU_FLAGS)} ({cpu_info()[0]}): bf16 is "
+            "emulated here and about 4x slower than float32 (model.dtype: auto picks float32)")  # fmt: skip

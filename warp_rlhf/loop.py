@@ -27,7 +27,7 @@ from typing import Any
 
 from warp_rlhf.config import Config
 from warp_rlhf.data import PromptSampler, load_prompts
-from warp_rlhf.hardware import resolve_dtype
+from warp_rlhf.hardware import emulated_warning, resolve_dtype
 from warp_rlhf.models import check_model_matches, resolve_model
 from warp_rlhf.outputs import MetricsLog, RunDir, is_complete_checkpoint, write_atomic, write_parquet_atomic
 from warp_rlhf.resume import prepare_run_dir, recorded_dtype, resolved
@@ -287,16 +287,17 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
     out = RunDir(Path(cfg.output.dir))
     startup = StartupTimes(out.root / "startup.json")
     cfg, why = resolve_dtype(cfg, recorded_dtype(out) if resume else None)
-    log.info("model.dtype = %s (%s)", cfg.model.dtype, why)
     prompts = load_prompts(cfg.data.train, cfg.data.prompt_column, "train")  # bad input fails before any work
     load_prompts(cfg.data.eval, cfg.data.prompt_column, "eval")
-    with startup.phase("θ_sft"):  # converted once per machine when it is the packaged model
+    with startup.phase("θ_sft", announce=False):  # converted once per machine for the packaged model
         sft_dir = resolve_model(cfg.model.path, cfg.model.dtype)
         check_model_matches(sft_dir, cfg.model.dtype)  # dtype, architecture, tokenizer: before any work
     cfg = resolved(cfg, sft_dir)
     done = prepare_run_dir(out, cfg, resume=resume, force=force)
     report_merge_failure(out)
-    log.info("outputs: %s (θ_sft = %s)", out.root.resolve(), sft_dir)
+    log.info("outputs: %s (θ_sft = %s, model.dtype = %s: %s)", out.root.resolve(), sft_dir, cfg.model.dtype, why)
+    if warning := emulated_warning(cfg):
+        log.warning(warning)
     signals = StopOnSignal(threading.Event())
     signals.install()
     with startup.phase("Ray"):

@@ -28,8 +28,10 @@ class StartupTimes:
         self._lock = threading.Lock()  # every run's thread reports its steps
 
     @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        log.info("start-up: %s ...", name)
+    def phase(self, name: str, announce: bool = True) -> Iterator[None]:
+        """Time the block; ``announce`` logs its start too (not for checks whose errors must stand alone)."""
+        if announce:
+            log.info("start-up: %s ...", name)
         start = time.perf_counter()
         yield
         self.record(name, time.perf_counter() - start)

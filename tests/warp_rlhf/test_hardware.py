@@ -1,6 +1,5 @@
 """model.dtype auto: bf16 only where the hardware computes it natively; resumes keep the run's dtype."""
 
-import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +8,7 @@ import pytest
 
 from warp_rlhf import hardware
 from warp_rlhf.config import config_from_dict
-from warp_rlhf.hardware import native_bf16_cpu, resolve_dtype
+from warp_rlhf.hardware import emulated_warning, native_bf16_cpu, resolve_dtype
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,17 +48,14 @@ def test_auto_on_gpu_learners_without_a_local_gpu_is_bf16(cpu) -> None:
     assert cfg.model.dtype == "bfloat16" and "GPUs" in why
 
 
-def test_explicit_bf16_on_an_emulating_cpu_warns_once_and_is_kept(cpu, caplog) -> None:
+def test_explicit_bf16_is_kept_and_warned_about_only_where_emulated(cpu) -> None:
     cpu()
-    with caplog.at_level(logging.WARNING, logger="warp_rlhf"):
-        cfg, _ = resolve_dtype(config_from_dict({"model": {"dtype": "bfloat16"}}))
-    assert cfg.model.dtype == "bfloat16"
-    assert [r.message for r in caplog.records if "emulated" in r.message and "slower" in r.message]
-    caplog.clear()
+    cfg, why = resolve_dtype(config_from_dict({"model": {"dtype": "bfloat16"}}))
+    assert cfg.model.dtype == "bfloat16" and why == "set in the config"
+    assert "emulated" in emulated_warning(cfg) and "4x slower" in emulated_warning(cfg)
     cpu("avx512_bf16")
-    with caplog.at_level(logging.WARNING, logger="warp_rlhf"):
-        resolve_dtype(config_from_dict({"model": {"dtype": "bfloat16"}}))
-    assert not caplog.records
+    assert emulated_warning(cfg) is None
+    assert emulated_warning(config_from_dict({"model": {"dtype": "float32"}})) is None
 
 
 def test_this_machines_cpu_flags_are_read() -> None:
