@@ -301,6 +301,23 @@ def test_cli_plans_the_gpu_preset() -> None:
     assert "Fits:" in result.stdout and result.stderr == ""
 
 
+SMOLLM2_135M = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576,
+                "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True}  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_demo_fits_a_24_gib_machine_in_either_dtype(tmp_path: Path, dtype: str) -> None:
+    """model.dtype auto picks float32 on CPUs without native bf16: the demo must fit there too (it once did not)."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(SMOLLM2_135M))
+    result = plan_cli("--config", "configs/demo.yaml", "--params", "134515008", "--model-config", str(config),
+                      f"model.dtype={dtype}", f"model.path={tmp_path}/absent")  # fmt: skip
+    assert "local  1      -            " in result.stdout, result.stdout
+    needed = float(result.stdout.split("local  1      -            ")[1].split()[0])
+    assert needed <= 22.0, result.stdout  # a 24 GiB machine, less what the OS and the driver keep
+
+
 def test_cli_exits_2_naming_what_does_not_fit(tmp_path: Path) -> None:
     one = cluster_variant(tmp_path, learner=1)
     result = plan_cli("--config", str(GPU_7B), "--cluster", str(one), "--params", "7.24e9")
