@@ -5,7 +5,9 @@ KL-shaped reward with the RLOO baseline, gradient clipping, AdamW on fp32 master
 model, the EMA update of the anchor. The plain loop has no DeepSpeed, no process group, no
 non-finite checks. Steps alternate between the two so that load from other processes hits both
 alike. A third column, AdamW directly on bf16 weights (no fp32 master), is what a naive loop does:
-faster, but at lr 1e-6 most bf16 updates round away to nothing.
+faster, but at lr 1e-6 most bf16 updates round away to nothing. Each row also gives ``phases_s``: the
+medians of anchor forward, policy forward, backward, optimizer (clip + AdamW + master copy) and EMA
+update, for the learner (from its step metrics) next to the plain step (timed the same way).
 
     TORCH_EXTENSIONS_DIR=.cache/torch_extensions .venv/bin/python -m bench.learners --stages 0 1 2
     .venv/bin/python -m bench.learners --stages --zero3-ranks 1 2 --dtype float32
@@ -30,6 +32,7 @@ import torch
 
 from actors.rollout import ROLLOUT_SCHEMA, to_tensors
 from learners.objective import advantages, kl_shaped_reward, reinforce_loss, sequence_logprobs
+from learners.timing import Phases
 from warp_rlhf.config import LearnersConfig
 from warp_rlhf.models import resolve_model
 
@@ -78,46 +81,68 @@ class PlainStep:
         self.optimizer = torch.optim.AdamW(self.master, **kw)
         self.cfg, self.beta, self.mu, self.fp32_master = cfg, beta, mu, fp32_master
 
-    def step(self, table: pa.Table) -> None:
+    def step(self, table: pa.Table) -> dict[str, float]:
+        """One step; returns its seconds per phase, named as the learner's metrics name them."""
+        clock = Phases()
         batch = to_tensors(table, 0)
         inputs = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
         reward = torch.from_numpy(table.column("reward").to_numpy())
         group = torch.from_numpy(table.column("group_id").to_numpy().copy())
-        with torch.no_grad():
+        with clock("anchor"), torch.no_grad():
             logp_anchor = sequence_logprobs(self.anchor, *inputs)
-        logp = sequence_logprobs(self.model, *inputs)
-        adv = advantages(kl_shaped_reward(reward, logp, logp_anchor, self.beta), group, self.cfg.baseline)
-        reinforce_loss(logp, adv).backward()
-        params = list(self.model.parameters())
-        torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
-        if self.fp32_master:
-            for m, p in zip(self.master, params, strict=True):
-                m.grad = p.grad.float()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.model.zero_grad(set_to_none=True)
-        with torch.no_grad():
+        with clock("forward"):
+            logp = sequence_logprobs(self.model, *inputs)
+            adv = advantages(kl_shaped_reward(reward, logp, logp_anchor, self.beta), group, self.cfg.baseline)
+            loss = reinforce_loss(logp, adv)
+        with clock("backward"):
+            loss.backward()
+        with clock("optimizer"):
+            params = list(self.model.parameters())
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
             if self.fp32_master:
-                torch._foreach_copy_(params, self.master)
+                for m, p in zip(self.master, params, strict=True):
+                    m.grad = p.grad.float()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.model.zero_grad(set_to_none=True)
+            if self.fp32_master:
+                with torch.no_grad():
+                    torch._foreach_copy_(params, self.master)
+        with clock("ema"), torch.no_grad():
             torch._foreach_lerp_(self.ema, [p.float() for p in params], self.mu)
             torch._foreach_copy_(list(self.anchor.parameters()), self.ema)
-
-
-def timed(fn, *args) -> float:
-    start = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - start
+        return clock.seconds
 
 
 def median_seconds(steps: dict, table: pa.Table, warmup: int, repeats: int) -> dict[str, float]:
-    """Median seconds of each step function; they alternate, so load from other processes hits them alike."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    """Median seconds of each step function; they alternate, so load from other processes hits them alike.
+
+    A step that returns its phases (``time_<phase>_s``, as the learner's metrics and PlainStep do) also
+    gets ``<name>.<phase>`` medians.
+    """
+    times: dict[str, list[float]] = {}
     for i in range(warmup + repeats):
         for name, step in steps.items():
-            seconds = timed(step, table)
-            if i >= warmup:
-                times[name].append(seconds)
+            start = time.perf_counter()
+            result = step(table)
+            seconds = time.perf_counter() - start
+            if i < warmup:
+                continue
+            times.setdefault(name, []).append(seconds)
+            for key, value in (result or {}).items():
+                if key.startswith("time_") and key.endswith("_s"):
+                    times.setdefault(f"{name}.{key[5:-2]}", []).append(value)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def breakdown(med: dict[str, float], names: tuple[str, ...] = ("learner", "plain")) -> dict[str, dict[str, float]]:
+    """{phase: {name: median seconds}} for the phases the steps reported."""
+    phases: dict[str, dict[str, float]] = {}
+    for key, seconds in med.items():
+        name, _, phase = key.partition(".")
+        if phase and name in names:
+            phases.setdefault(phase, {})[name] = round(seconds, 3)
+    return phases
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -144,6 +169,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             "naive_bf16_s": round(med["naive"], 3),
             "learner_completion_tok_s": round(completion_tokens / med["learner"], 1),
             "plain_completion_tok_s": round(completion_tokens / med["plain"], 1),
+            "phases_s": breakdown(med),
         }
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -181,6 +207,7 @@ def zero3_rows(args: argparse.Namespace, model_dir, table: pa.Table, plain: Plai
                 "learner_s": round(med["learner"], 3),
                 "plain_s": round(med["plain"], 3),
                 "ratio": round(med["learner"] / med["plain"], 3),
+                "phases_s": breakdown(med),
             }
             print(json.dumps(row), flush=True)
             rows.append(row)

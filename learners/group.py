@@ -51,9 +51,7 @@ class LearnerGroup:
         self.cfg = cfg
         self._own_group = placement_group is None
         self.placement_group = placement_group if placement_group is not None else self._make_group(cfg)
-        # Rank 0's node: the rendezvous address is where rank 0 runs, with a port free there.
-        probe = ray.remote(num_cpus=0)(_node_address).options(scheduling_strategy=self._bundle(0))
-        self.master_addr, self.master_port = ray.get(probe.remote())
+        self.master_addr, self.master_port = self._rendezvous()
         remote_rank = ray.remote(LearnerRank)
         common = dict(beta=beta, mu=mu, dtype=dtype, seed=seed, world_size=cfg.ranks, temperature=temperature,
                       sampler_logprobs=sampler_logprobs, master_addr=self.master_addr,
@@ -70,6 +68,20 @@ class LearnerGroup:
         import ray
 
         ray.get([r.ready.remote() for r in self.ranks])
+
+    def _rendezvous(self) -> tuple[str, int]:
+        """Rank 0's node address and a port free there: the rendezvous every rank joins.
+
+        A zero-CPU probe task in rank 0's bundle finds them; on a one-node cluster whose node is the
+        driver's own, the driver does (a probe would start a worker process for nothing).
+        """
+        import ray
+
+        nodes = [node for node in ray.nodes() if node["Alive"]]
+        if len(nodes) == 1 and nodes[0]["NodeManagerAddress"] == ray.util.get_node_ip_address():
+            return _node_address()
+        probe = ray.remote(num_cpus=0)(_node_address).options(scheduling_strategy=self._bundle(0))
+        return ray.get(probe.remote())
 
     @staticmethod
     def _make_group(cfg: LearnersConfig) -> Any:
@@ -210,6 +222,8 @@ def merge_metrics(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
     merged["tokens"] = sum(m["tokens"] for m in per_rank)
     merged["sequences"] = sequences
     merged["seconds"] = max(m["seconds"] for m in per_rank)
+    for key in (k for k in per_rank[0] if k.startswith("time_")):  # phases: the slowest rank's
+        merged[key] = max(m.get(key, 0.0) for m in per_rank)
     merged["skipped"] = any(m["skipped"] for m in per_rank)
     merged.update(merge_drift([m.get("drift_by_engine", {}) for m in per_rank]))
     first = per_rank[0]

@@ -41,6 +41,7 @@ from learners.objective import (
     sequence_logprobs_and_entropy,
 )
 from learners.publish import Broadcaster
+from learners.timing import Phases
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -145,7 +146,8 @@ class LearnerRank:
             [len(rollouts), len(micro), int(not reward_finite), int(not intact)]
         )
         padded = micro + [micro[0][:1]] * (num_micro - len(micro))  # dummies: results discarded
-        with torch.no_grad():
+        clock = Phases()
+        with clock("anchor"), torch.no_grad():
             anchor_logp = torch.cat(
                 [self.anchor.sequence_logprobs(*self._inputs(batch, rows), self.temperature) for rows in padded][
                     : len(micro)
@@ -155,19 +157,22 @@ class LearnerRank:
         if num_bad or num_bad_anchor:
             return self._skip(start, "a non-finite reward or anchor log-probability", len(rollouts))
         prepass = num_cut > 0 or self.cfg.baseline == "mean"
-        adv = self._batch_advantages(batch, micro, padded, anchor_logp) if prepass else None
-        sums = self._accumulate(batch, micro, padded, anchor_logp, adv, num_seqs)
-        applied, grad_norm = self._apply(loss_finite=math.isfinite(sums["loss"]))
+        with clock("prepass"):
+            adv = self._batch_advantages(batch, micro, padded, anchor_logp) if prepass else None
+        sums = self._accumulate(batch, micro, padded, anchor_logp, adv, num_seqs, clock)
+        with clock("optimizer"):
+            applied, grad_norm = self._apply(loss_finite=math.isfinite(sums["loss"]))
         if not applied:
             return self._skip(start, "a non-finite loss or gradient", len(rollouts), grad_norm)
-        self.anchor.update(self.engine.module)
+        with clock("ema"):
+            self.anchor.update(self.engine.module)
         self.updates += 1
         self.version += 1
         self.steps += 1
         n = len(rollouts)
         means = {k: sums[k] / n for k in ("reward", "kl", "entropy")}
         metrics = self._metrics(start, n, False, grad_norm, loss=sums["loss"], tokens=sums["tokens"], **means)
-        return metrics | {"drift_by_engine": sums["drift"]}
+        return metrics | clock.seconds | {"drift_by_engine": sums["drift"]}
 
     def _tensors(self, rollouts: pa.Table) -> dict[str, torch.Tensor]:
         import torch
@@ -210,7 +215,7 @@ class LearnerRank:
         adv[rows] = adv_in_order
         return adv
 
-    def _accumulate(self, batch, micro, padded, anchor_logp, adv, num_seqs) -> dict[str, float]:
+    def _accumulate(self, batch, micro, padded, anchor_logp, adv, num_seqs, clock: Phases) -> dict[str, float]:
         """Forward/backward every micro-batch of ``padded``, the same count on all ranks (dummies weigh 0)."""
         import torch
 
@@ -221,9 +226,10 @@ class LearnerRank:
             dummy = i >= len(micro)  # keeps ZeRO's per-backward collectives in step across ranks
             ids, attention, completion = self._inputs(batch, rows)
             self.engine.set_gradient_accumulation_boundary(i == len(padded) - 1)
-            logp, entropy, tokens = sequence_logprobs_and_entropy(
-                self.engine, ids, attention, completion, self.temperature, self.drift_temperature
-            )  # (b,), (b,), (n,)
+            with clock("forward"):
+                logp, entropy, tokens = sequence_logprobs_and_entropy(
+                    self.engine, ids, attention, completion, self.temperature, self.drift_temperature
+                )  # (b,), (b,), (n,)
             index = torch_index(rows, logp.device)
             if dummy:
                 logp_anchor, adv_mb = logp.detach(), torch.zeros_like(logp)
@@ -233,7 +239,8 @@ class LearnerRank:
                 adv_mb = advantages(r_beta, batch["group_id"][index], self.cfg.baseline) if adv is None else adv[index]
             loss = reinforce_loss(logp, adv_mb, num_seqs)
             # DeepSpeed averages gradients over ranks; the loss is already a global mean, so undo that.
-            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+            with clock("backward"):
+                self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
             if dummy:
                 continue
             offset += len(rows)

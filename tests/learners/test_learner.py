@@ -59,6 +59,8 @@ def test_step_updates_weights_and_anchor_and_reports_metrics(learner, rollouts):
     assert first["sequences"] == 16 and first["tokens"] == sum(len(c) for c in rollouts["completion_ids"].to_pylist())
     assert first["lr"] == pytest.approx(1e-3 / 2)  # first step of a 2-step linear warm-up
     assert np.isfinite([first[k] for k in ("loss", "entropy", "grad_norm", "seconds", "reward")]).all()
+    phases = [f"time_{p}_s" for p in ("anchor", "prepass", "forward", "backward", "optimizer", "ema")]
+    assert all(first[k] >= 0 for k in phases) and sum(first[k] for k in phases) <= first["seconds"]
     after = learner.weights()
     assert not flat_equal(after, learner.init) and after.version == learner.init.version + 1
     second = learner.step(rollouts)
