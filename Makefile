@@ -21,7 +21,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CACHE)/torch_extensions
 export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0
 OPS_STAMP := $(TORCH_EXTENSIONS_DIR)/.warp-rlhf-ops-$(EXTRA)
 
-.PHONY: install test test-fast lint format demo bench clean
+.PHONY: install test test-fast lint format demo bench bench-peer clean
 
 install: $(STAMP) $(OPS_STAMP)
 
@@ -45,7 +45,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-# The whole suite, slow tests included: about 13 minutes on the 2-core CI machine.
+# The whole suite, slow tests included: 13 min on a 2-core CPU with avx512_bf16, 46 min on one without (README, Tests).
 test: install lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -63,6 +63,11 @@ bench: install
 	$(PY) bench/merge.py
 	$(PY) -m bench.learners --stages 0 2 --steps 4
 	$(PY) bench/actors.py --reps 3
+
+# TRL's RLOOTrainer and one WARP step on the same work, medians and ratio in one run; adds the bench extra (trl).
+bench-peer: install
+	$(UV) pip install -q --python $(PY) $(FIND_LINKS) $(OVERRIDES) -e ".[$(EXTRA),dev,bench]"
+	$(PY) bench/peer_trl.py $(PEER_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache build *.egg-info
