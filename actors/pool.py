@@ -239,8 +239,8 @@ class ActorPool:
     # ---------------------------------------------------------------------------------------------
     # Lifecycle
 
-    def shutdown(self) -> None:
-        """Stop every engine's vLLM core, then end the actors; idempotent."""
+    def shutdown(self, timeout_s: float = 60.0) -> None:
+        """Stop every engine's vLLM core (waiting at most ``timeout_s`` for each), then end the actors; idempotent."""
         import ray
 
         self.transport.reset()
@@ -249,7 +249,7 @@ class ActorPool:
         for engine, stop in zip(engines, stops, strict=True):
             # An engine already dead has nothing left to release but the actor itself.
             with contextlib.suppress(ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                ray.get(stop, timeout=60)
+                ray.get(stop, timeout=timeout_s)
             ray.kill(engine, no_restart=True)
         self._source = None
 

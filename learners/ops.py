@@ -9,9 +9,56 @@ On CUDA accelerators there is nothing to build. Imports deepspeed lazily; never 
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 OPS = ("ShareMemCommBuilder",)  # what deepspeed.comm loads at init on the CPU accelerator
+EXTENSIONS = ("deepspeed_shm_comm",)  # their torch extension names (build directories)
+STALE_AFTER_S = 300.0  # a build takes about a minute on two cores; a lock this old has no owner left
+
+
+@contextmanager
+def stale_build_locks_cleared(max_age_s: float = STALE_AFTER_S, every_s: float = 5.0) -> Iterator[None]:
+    """While the block runs (it loads the ops), remove any of their build locks older than ``max_age_s``.
+
+    torch guards each extension build with a lock file that every loading process waits on, with no
+    timeout. A process killed while holding it (Ctrl-C or SIGKILL during the first start-up on a
+    machine) leaves it behind, and every later learner would wait forever; a waiting one proceeds as
+    soon as the file is gone.
+    """
+    stop = threading.Event()
+
+    def watch() -> None:
+        while True:
+            for lock in build_locks():
+                try:
+                    age = time.time() - lock.stat().st_mtime
+                except OSError:
+                    continue
+                if age > max_age_s:
+                    log.warning("removing %s: a build lock %.0f s old, left by a process killed mid-build", lock, age)
+                    lock.unlink(missing_ok=True)
+            if stop.wait(every_s):
+                return
+
+    watcher = threading.Thread(target=watch, name="op-build-lock-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+
+
+def build_locks() -> list[Path]:
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return [Path(_get_build_directory(name, verbose=False)) / "lock" for name in EXTENSIONS]
 
 
 def prebuild() -> dict[str, float]:
@@ -25,7 +72,8 @@ def prebuild() -> dict[str, float]:
         if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
             continue  # not used on this accelerator
         start = time.perf_counter()
-        builder.load(verbose=False)
+        with stale_build_locks_cleared():
+            builder.load(verbose=False)
         timings[builder.NAME] = time.perf_counter() - start
         print(f"deepspeed op {builder.NAME}: ready in {timings[builder.NAME]:.1f} s")
     return timings

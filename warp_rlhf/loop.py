@@ -31,7 +31,7 @@ from warp_rlhf.hardware import emulated_warning, resolve_dtype
 from warp_rlhf.models import check_model_matches, resolve_model
 from warp_rlhf.outputs import MetricsLog, RunDir, is_complete_checkpoint, write_atomic, write_parquet_atomic
 from warp_rlhf.resume import prepare_run_dir, recorded_dtype, resolved
-from warp_rlhf.signals import Interrupted, StopOnSignal
+from warp_rlhf.signals import StopOnSignal
 from warp_rlhf.startup import StartupTimes
 
 log = logging.getLogger("warp_rlhf")
@@ -108,11 +108,14 @@ class Trainer:
         pending = {ref: "learners" for run in self.runs for ref in (r.ready.remote() for r in run.learner.ranks)}
         pending |= {ref: "engines" for run in self.runs for ref in (e.ping.remote() for e in run.pool.engines)}
         while pending:  # whichever finishes first; an actor's start-up error is raised here
-            (done,), _ = ray.wait(list(pending), num_returns=1)
-            ray.get(done)
-            kind = pending.pop(done)
-            if kind not in pending.values():
-                self.startup.record(f"{kind} ready", time.perf_counter() - began)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            if self.stop.is_set():  # Ctrl-C: nothing to save yet
+                raise RunStopped("stopped during start-up")
+            for done in ready:
+                ray.get(done)
+                kind = pending.pop(done)
+                if kind not in pending.values():
+                    self.startup.record(f"{kind} ready", time.perf_counter() - began)
 
     def record_placement(self) -> None:
         """placement.json: node and process of every learner rank and engine, the rendezvous, the weight sender."""
@@ -269,9 +272,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------
 
-    def shutdown(self) -> None:
+    def shutdown(self, engine_timeout_s: float = 60.0) -> None:
         for run in self.runs:
-            run.pool.shutdown()
+            run.pool.shutdown(engine_timeout_s)
             run.learner.shutdown()
         self.metrics.close()
 
@@ -305,36 +308,39 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
     signals.install()  # again: ray.init installs its own SIGTERM handler
     placement = trainer = progress = None
     try:
-        with startup.phase("placement groups"):
-            placement = RunPlacement(check_fits(cfg, model_dir=sft_dir), cfg.resources.placement_timeout_s)
-        total = sum(cfg.warp.steps_in(i) for i in range(1, cfg.warp.iterations + 1)) * cfg.warp.runs
-        finished = sum(cfg.warp.steps_in(i) for i in range(1, done + 1)) * cfg.warp.runs
-        progress = tqdm(total=total, initial=finished, desc="WARP", unit="step", dynamic_ncols=True)
-        trainer = Trainer(cfg, out, sft_dir, prompts, progress, placement, signals.stop, startup)
-        trainer.metrics.keep(lambda row: row["iteration"] <= done or _before_checkpoint(out, row))
-        trainer.start_runs()
-        trainer.record_placement()
-        merger = MergerService(cfg, sft_dir, placement_group=placement.get("merger"))
-        with startup.phase("θ_init into the object store"):
-            init_ref = ray.put(load_flat(out.init(done) if done else sft_dir))
-        for i in range(done + 1, cfg.warp.iterations + 1):
-            progress.set_description(f"WARP iteration {i}/{cfg.warp.iterations}")
-            with signals.stepping(stopped=RunStopped):
-                policies = trainer.iteration(i, init_ref)
-            init_ref = merger.merge(i, init_ref, policies)  # SLERP then LITI; the result stays in the store
-            merged(out, i, init_ref)  # a failed merge is recorded and raised before the iteration counts
-            out.mark_completed(i)
-            trainer.metrics.flush()
-            shutil.rmtree(out.state / f"iter-{i}", ignore_errors=True)
-            log.info("iteration %d merged: %s, %s", i, out.slerp(i), out.init(i))
-        trainer.record_placement()  # again: now with the weight senders' broadcast counts
-        merger.shutdown()
+        with signals.stopping(stopped=RunStopped):  # a stop that Ctrl-C caused becomes Interrupted
+            with startup.phase("placement groups"):
+                placement = RunPlacement(check_fits(cfg, model_dir=sft_dir), cfg.resources.placement_timeout_s)
+            total = sum(cfg.warp.steps_in(i) for i in range(1, cfg.warp.iterations + 1)) * cfg.warp.runs
+            finished = sum(cfg.warp.steps_in(i) for i in range(1, done + 1)) * cfg.warp.runs
+            progress = tqdm(total=total, initial=finished, desc="WARP", unit="step", dynamic_ncols=True)
+            trainer = Trainer(cfg, out, sft_dir, prompts, progress, placement, signals.stop, startup)
+            trainer.metrics.keep(lambda row: row["iteration"] <= done or _before_checkpoint(out, row))
+            signals.check()
+            trainer.start_runs()
+            trainer.record_placement()
+            merger = MergerService(cfg, sft_dir, placement_group=placement.get("merger"))
+            with startup.phase("θ_init into the object store"):
+                init_ref = ray.put(load_flat(out.init(done) if done else sft_dir))
+            signals.check()
+            for i in range(done + 1, cfg.warp.iterations + 1):
+                progress.set_description(f"WARP iteration {i}/{cfg.warp.iterations}")
+                policies = trainer.iteration(i, init_ref)  # Ctrl-C: the runs stop at their next step boundary
+                init_ref = merger.merge(i, init_ref, policies)  # SLERP then LITI; the result stays in the store
+                merged(out, i, init_ref)  # a failed merge is recorded and raised before the iteration counts
+                out.mark_completed(i)
+                trainer.metrics.flush()
+                shutil.rmtree(out.state / f"iter-{i}", ignore_errors=True)
+                log.info("iteration %d merged: %s, %s", i, out.slerp(i), out.init(i))
+                signals.check()
+            trainer.record_placement()  # again: now with the weight senders' broadcast counts
+            merger.shutdown()
     finally:
         if progress is not None:
             progress.close()  # before any last message, so the bar is not redrawn after it
         with signals.cleaning():
-            if trainer is not None:
-                trainer.shutdown()
+            if trainer is not None:  # after Ctrl-C, engines still starting are not waited for
+                trainer.shutdown(engine_timeout_s=5.0 if signals.received else 60.0)
             if placement is not None:
                 placement.remove()
             if started:
@@ -353,8 +359,6 @@ def merged(out: RunDir, i: int, init_ref: Any) -> None:
     failure = out.state / MERGE_FAILURE
     try:
         ray.get(init_ref)
-    except Interrupted:  # Ctrl-C while waiting: the merge itself did not fail
-        raise
     except Exception as exc:
         out.state.mkdir(parents=True, exist_ok=True)
         cause = getattr(exc, "cause", None) or exc  # a RayTaskError carries the merger's own exception

@@ -1,10 +1,14 @@
 """Ctrl-C for `warp-rlhf train`: the first SIGINT or SIGTERM stops cleanly, a second one at once.
 
-First signal: every run stops at its next step boundary and writes its step checkpoint (outside the
-step loop, during start-up or a merge, the run stops at once: there is nothing unsaved), then the
-actors, placement groups and the Ray instance the run started are shut down and `train` raises
-:class:`Interrupted`. Second signal: the Ray processes this run started are killed and the process
-exits with 130 without unwinding; the last checkpoint is still there to resume from.
+First signal: every run stops at its next step boundary and writes its step checkpoint; during
+start-up the driver stops at its next wait (within a second), during a merge when the merge is done.
+Then the actors, placement groups and the Ray instance the run started are shut down and `train`
+raises :class:`Interrupted`. Second signal: the Ray processes this run started are killed and the
+process exits with 130 without unwinding; the last checkpoint is still there to resume from.
+
+The handler itself never raises: an exception raised inside a signal handler surfaces wherever the
+main thread happens to be, and inside Ray's blocking calls (``ray.wait``) it comes out as a
+SystemError. It only records the signal and sets ``stop``; the driver checks at safe points.
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ class StopOnSignal:
     def __init__(self, stop: threading.Event, ray_started: bool = False) -> None:
         self.stop, self.ray_started = stop, ray_started
         self.received: str | None = None
-        self._stepping = False  # inside the step loop: let the runs reach their step boundary
         self._cleaning = False  # shutting down already: nothing to interrupt
         self._previous: dict[int, object] = {}
 
@@ -52,25 +55,18 @@ class StopOnSignal:
         self._previous.clear()
 
     @contextmanager
-    def stepping(self, stopped: type[Exception]) -> Iterator[None]:
-        """While the runs step: a signal stops them at their next step boundary instead of raising here.
-
-        The runs then raise ``stopped``, which becomes :class:`Interrupted`; any other error stays itself.
-        """
-        self._stepping = True
+    def stopping(self, stopped: type[Exception]) -> Iterator[None]:
+        """Around the run's work: ``stopped`` (how a run or a wait gives up when ``stop`` is set) becomes
+        :class:`Interrupted` when a signal set it; any other error stays itself."""
         try:
             yield
         except stopped as exc:
-            self._stepping = False
             self.check(exc)
             raise
-        finally:
-            self._stepping = False
-        self.check()
 
     @contextmanager
     def cleaning(self) -> Iterator[None]:
-        """Shut-down code: a first signal does not interrupt it (a second one still exits at once)."""
+        """Shut-down code: a first signal only says that it is already under way."""
         self._cleaning = True
         try:
             yield
@@ -78,7 +74,7 @@ class StopOnSignal:
             self._cleaning = False
 
     def check(self, cause: BaseException | None = None) -> None:
-        """Raise :class:`Interrupted` if a signal came."""
+        """Raise :class:`Interrupted` if a signal came (call at points where stopping is safe)."""
         if self.received is not None:
             raise Interrupted(f"stopped by {self.received}") from cause
 
@@ -93,12 +89,9 @@ class StopOnSignal:
         self.stop.set()
         if self._cleaning:
             log.warning("%s: already shutting down; send it again to quit at once", name)
-            return
-        if self._stepping:
-            log.warning("%s: every run stops at its next step boundary and saves its state; send it again to "
+        else:
+            log.warning("%s: stopping (runs at their next step boundary, saving their state); send it again to "
                         "quit at once", name)  # fmt: skip
-            return
-        raise Interrupted(f"stopped by {name}")
 
     def _kill_ray(self) -> None:
         """Kill the local Ray instance this run started (its workers, engines included, follow the raylet)."""

@@ -178,3 +178,24 @@ def test_pack_micro_batches():
 def test_bad_config_is_a_clear_error(key, value, message):
     with pytest.raises(ConfigError, match=message):
         LearnersConfig(**{key: value})
+
+
+def test_a_stale_op_build_lock_is_removed_while_ops_load(tmp_path, monkeypatch):
+    """A learner killed mid-build leaves torch's lock file; later learners must not wait on it forever."""
+    import os
+    import time
+
+    from learners.ops import build_locks, stale_build_locks_cleared
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    (lock,) = build_locks()
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.touch()
+    with stale_build_locks_cleared(max_age_s=60, every_s=0.05):
+        time.sleep(0.2)
+        assert lock.exists()  # a fresh lock belongs to a build under way
+        os.utime(lock, (time.time() - 120, time.time() - 120))
+        deadline = time.monotonic() + 5
+        while lock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert not lock.exists()
