@@ -50,10 +50,24 @@ def _no_process_left(marker: str, grace_s: float = 15.0) -> list[str]:
     return left
 
 
-def _start(args: list[str], marker: str) -> subprocess.Popen:
-    env = {**os.environ, MARKER: marker}
-    command = [sys.executable, "-m", "warp_rlhf", *args]
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+@pytest.fixture
+def start():
+    """Start `warp-rlhf` in its own session; whatever is left of it when the test ends (failed) is killed."""
+    drivers: list[subprocess.Popen] = []
+
+    def start(args: list[str], marker: str) -> subprocess.Popen:
+        env = {**os.environ, MARKER: marker}
+        command = [sys.executable, "-m", "warp_rlhf", *args]
+        driver = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True, start_new_session=True)  # fmt: skip
+        drivers.append(driver)
+        return driver
+
+    yield start
+    for driver in drivers:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
 
 
 def _wait_for_step(driver: subprocess.Popen, out: Path, step: int) -> None:
@@ -63,7 +77,7 @@ def _wait_for_step(driver: subprocess.Popen, out: Path, step: int) -> None:
     assert driver.poll() is None and _step(out) >= step, f"training never reached step {step}"
 
 
-def test_ctrl_c_stops_cleanly_then_quits_at_once_and_resume_finishes(tmp_path: Path) -> None:
+def test_ctrl_c_stops_cleanly_then_quits_at_once_and_resume_finishes(tmp_path: Path, start) -> None:
     out = tmp_path / "run"
     overrides = [f"output.dir={out}", "warp.iterations=1", f"warp.steps={STEPS}", "warp.checkpoint_every=1",
                  "model.dtype=auto"]  # fmt: skip
@@ -71,7 +85,7 @@ def test_ctrl_c_stops_cleanly_then_quits_at_once_and_resume_finishes(tmp_path: P
 
     # First SIGINT: every run stops at its next step boundary, saves, shuts Ray down, exits 130.
     first = uuid.uuid4().hex
-    driver = _start(args, first)
+    driver = start(args, first)
     _wait_for_step(driver, out, 1)
     driver.send_signal(signal.SIGINT)
     _, stderr = driver.communicate(timeout=180)
@@ -86,7 +100,7 @@ def test_ctrl_c_stops_cleanly_then_quits_at_once_and_resume_finishes(tmp_path: P
 
     # Resume, then SIGINT twice: the second exits at once, without a traceback and without leftovers.
     second = uuid.uuid4().hex
-    driver = _start([*args, "--resume"], second)
+    driver = start([*args, "--resume"], second)
     _wait_for_step(driver, out, stopped_at + 1)
     driver.send_signal(signal.SIGINT)
     time.sleep(0.5)
