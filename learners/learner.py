@@ -226,18 +226,19 @@ class LearnerRank:
             dummy = i >= len(micro)  # keeps ZeRO's per-backward collectives in step across ranks
             ids, attention, completion = self._inputs(batch, rows)
             self.engine.set_gradient_accumulation_boundary(i == len(padded) - 1)
-            with clock("forward"):
+            with clock("forward"):  # the policy's forward and the loss on it, as bench/learners.py's plain step
                 logp, entropy, tokens = sequence_logprobs_and_entropy(
                     self.engine, ids, attention, completion, self.temperature, self.drift_temperature
                 )  # (b,), (b,), (n,)
-            index = torch_index(rows, logp.device)
-            if dummy:
-                logp_anchor, adv_mb = logp.detach(), torch.zeros_like(logp)
-            else:
-                logp_anchor = anchor_logp[offset : offset + len(rows)]  # anchor_logp is in micro-batch order
-                r_beta = kl_shaped_reward(batch["reward"][index], logp, logp_anchor, self.beta)  # (b,)
-                adv_mb = advantages(r_beta, batch["group_id"][index], self.cfg.baseline) if adv is None else adv[index]
-            loss = reinforce_loss(logp, adv_mb, num_seqs)
+                index = torch_index(rows, logp.device)
+                if dummy:
+                    logp_anchor, adv_mb = logp.detach(), torch.zeros_like(logp)
+                else:
+                    logp_anchor = anchor_logp[offset : offset + len(rows)]  # anchor_logp is in micro-batch order
+                    r_beta = kl_shaped_reward(batch["reward"][index], logp, logp_anchor, self.beta)  # (b,)
+                    adv_mb = (advantages(r_beta, batch["group_id"][index], self.cfg.baseline) if adv is None
+                              else adv[index])  # fmt: skip
+                loss = reinforce_loss(logp, adv_mb, num_seqs)
             # DeepSpeed averages gradients over ranks; the loss is already a global mean, so undo that.
             with clock("backward"):
                 self.engine.backward(loss * self.world_size, scale_wrt_gas=False)

@@ -175,13 +175,14 @@ def merge_checkpoints(
             for out in outputs
         ]
         stream = merge_stream(init, policies, method, lam, eta, granularity, keep_merged=merged_dir is not None)
-        bar = tqdm(total=init.nbytes, unit="B", unit_scale=True, desc=f"merge ({method})", disable=not progress)
+        bar = stack.enter_context(
+            tqdm(total=init.nbytes, unit="B", unit_scale=True, desc=f"merge ({method})", disable=not progress)
+        )
         for name, merged, out in stream:
             writers[0].write(name, out)
             if merged_dir is not None:
                 writers[1].write(name, merged)
             bar.update(init.entries[name].nbytes)
-        bar.close()
     return outputs[0]
 
 
