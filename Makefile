@@ -15,11 +15,9 @@ OVERRIDES := --override install/overrides.txt $(if $(filter cpu,$(EXTRA)),--over
 FIND_LINKS := $(foreach dir,$(PIP_FIND_LINKS),--find-links $(dir))
 STAMP := $(VENV)/.installed-$(EXTRA)
 
-# Caches shared by every clone on this machine: DeepSpeed's compiled ops, converted models.
-CACHE ?= $(HOME)/.cache/warp-rlhf
-export TORCH_EXTENSIONS_DIR ?= $(CACHE)/torch_extensions
+# DeepSpeed's compiled ops are built once per environment, into .venv/torch_extensions (learners/ops.py).
 export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0
-OPS_STAMP := $(TORCH_EXTENSIONS_DIR)/.warp-rlhf-ops-$(EXTRA)
+OPS_STAMP := $(VENV)/.ops-built-$(EXTRA)
 
 .PHONY: install test test-fast lint format demo bench bench-peer clean
 
@@ -35,7 +33,7 @@ $(STAMP): pyproject.toml install/overrides.txt install/cpu-overrides.txt
 
 $(OPS_STAMP): $(STAMP)
 	$(PY) -c "from learners.ops import prebuild; prebuild()"
-	mkdir -p $(dir $@) && touch $@
+	touch $@
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -9,7 +9,7 @@ faster, but at lr 1e-6 most bf16 updates round away to nothing. Each row also gi
 medians of anchor forward, policy forward, backward, optimizer (clip + AdamW + master copy) and EMA
 update, for the learner (from its step metrics) next to the plain step (timed the same way).
 
-    TORCH_EXTENSIONS_DIR=.cache/torch_extensions .venv/bin/python -m bench.learners --stages 0 1 2
+    .venv/bin/python -m bench.learners --stages 0 1 2
     .venv/bin/python -m bench.learners --stages --zero3-ranks 1 2 --dtype float32
 
 ``--zero3-ranks`` runs ZeRO-3 learners of R ranks (Ray actors, gloo, every parameter partitioned:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
-from learners.ops import stale_build_locks_cleared
+from learners.ops import ops_loading
 
 if TYPE_CHECKING:
     import torch
@@ -53,7 +53,7 @@ def init_process_group(rank: int, world_size: int, master_addr: str, master_port
             LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"),
         )
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    with stale_build_locks_cleared():  # init loads DeepSpeed's communication op
+    with ops_loading():  # init loads DeepSpeed's communication op
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
 
 

@@ -3,13 +3,16 @@
 The learner uses torch's AdamW (fused kernel, no DeepSpeed op). The one op DeepSpeed JIT-compiles on
 CPU is the shared-memory communication op (``deepspeed_shm_comm_op``), which every process builds
 or loads when DeepSpeed's communication backend starts, even for gloo. Builds are cached in
-$TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions); a cached op loads in well under a second.
-On CUDA accelerators there is nothing to build. Imports deepspeed lazily; never Ray or vLLM.
+$TORCH_EXTENSIONS_DIR, by default inside the Python environment (``extensions_dir``); a cached op
+loads in well under a second. On CUDA accelerators there is nothing to build. Imports deepspeed lazily;
+never Ray or vLLM.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +24,32 @@ log = logging.getLogger(__name__)
 OPS = ("ShareMemCommBuilder",)  # what deepspeed.comm loads at init on the CPU accelerator
 EXTENSIONS = ("deepspeed_shm_comm",)  # their torch extension names (build directories)
 STALE_AFTER_S = 300.0  # a build takes about a minute on two cores; a lock this old has no owner left
+
+
+def extensions_dir() -> Path:
+    """Where this Python environment's compiled ops live: $TORCH_EXTENSIONS_DIR, else inside the environment.
+
+    A build records the absolute paths of its environment's torch headers and compiler flags, so two
+    environments (two clones, each with its .venv) sharing one directory rebuild the op in turn, about 80 s
+    each on two cores, in the middle of a learner's start-up. Keeping it beside the environment's packages
+    ties it to them; a read-only environment (a system Python) uses the user's cache instead.
+    """
+    if configured := os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(configured)
+    prefix = Path(sys.prefix)
+    if os.access(prefix, os.W_OK):
+        return prefix / "torch_extensions"
+    python = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    return Path.home() / ".cache" / "warp-rlhf" / "torch_extensions" / python
+
+
+@contextmanager
+def ops_loading() -> Iterator[Path]:
+    """The block loads DeepSpeed's ops: from ``extensions_dir()``, with stale build locks removed meanwhile."""
+    directory = extensions_dir()
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(directory)  # torch reads it when it builds or loads
+    with stale_build_locks_cleared():
+        yield directory
 
 
 @contextmanager
@@ -72,8 +101,8 @@ def prebuild() -> dict[str, float]:
         if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
             continue  # not used on this accelerator
         start = time.perf_counter()
-        with stale_build_locks_cleared():
+        with ops_loading() as directory:
             builder.load(verbose=False)
         timings[builder.NAME] = time.perf_counter() - start
-        print(f"deepspeed op {builder.NAME}: ready in {timings[builder.NAME]:.1f} s")
+        print(f"deepspeed op {builder.NAME}: ready in {timings[builder.NAME]:.1f} s ({directory})")
     return timings

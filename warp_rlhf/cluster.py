@@ -28,11 +28,8 @@ class ClusterError(RuntimeError):
 
 
 def worker_env(cfg: Config) -> dict[str, str]:
-    from warp_rlhf.models import cache_root
-
+    # Without TORCH_EXTENSIONS_DIR, each learner finds DeepSpeed's ops in its own Python environment.
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    # DeepSpeed's compiled ops live beside the model cache (where `make` prebuilds them), not per user tool.
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(cache_root() / "torch_extensions"))
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if cfg.actors.multiprocessing else "0"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env

@@ -199,3 +199,19 @@ def test_a_stale_op_build_lock_is_removed_while_ops_load(tmp_path, monkeypatch):
         while lock.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
     assert not lock.exists()
+
+
+def test_compiled_ops_live_in_their_own_python_environment(monkeypatch):
+    """Two clones, each with its .venv, must not share (and rebuild in turn) one op build directory."""
+    import os
+    import sys
+    from pathlib import Path
+
+    from learners.ops import extensions_dir, ops_loading
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    assert extensions_dir() == Path(sys.prefix) / "torch_extensions"
+    with ops_loading() as directory:
+        assert os.environ["TORCH_EXTENSIONS_DIR"] == str(directory)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/elsewhere")
+    assert extensions_dir() == Path("/elsewhere")  # the user's choice wins
