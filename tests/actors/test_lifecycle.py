@@ -36,13 +36,15 @@ def _run_cycles(model_dir: Path, cycles: int, multiprocessing: bool) -> dict:
 def test_engine_start_shutdown_leaves_nothing(tiny_model_dir, multiprocessing):
     shm_before = set(os.listdir("/dev/shm"))
     children_before = {p.pid for p in psutil.Process().children(recursive=True)}
-    report = _run_cycles(tiny_model_dir, cycles=2, multiprocessing=multiprocessing)
+    # Restarting in one process is checked in-process; a multiprocess cycle costs a vLLM import in its child.
+    cycles = 1 if multiprocessing else 2
+    report = _run_cycles(tiny_model_dir, cycles=cycles, multiprocessing=multiprocessing)
     if multiprocessing:  # the engine core is a child process while it runs: the check below bites
         assert all(len(state["children"]) > len(report["before"]["children"]) for state in report["during"])
     for state in report["after"]:
         # Python's multiprocessing resource tracker, started once per process, may stay: nothing else.
         assert [name for _, name in state["children"] if name != "python"] == []
         assert state["shm"] == report["before"]["shm"]
-    assert report["after"][0]["children"] == report["after"][1]["children"]
+    assert all(state["children"] == report["after"][0]["children"] for state in report["after"])
     assert set(os.listdir("/dev/shm")) == shm_before
     assert {p.pid for p in psutil.Process().children(recursive=True)} == children_before

@@ -115,3 +115,14 @@ def test_cli_bad_input_exits_2_with_one_line(args: tuple[str, ...], fragment: st
     assert result.returncode == 2
     assert fragment in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_overrides_may_follow_an_option(capsys: pytest.CaptureFixture[str]) -> None:
+    """`train --config c.yaml --resume warp.beta=x`: the override after --resume is read, and checked."""
+    from warp_rlhf.cli import main
+
+    assert main(["train", "--config", "configs/smoke.yaml", "--resume", "warp.beta=x"]) == 2
+    assert "warp.beta = 'x': must be a number" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--config", "configs/smoke.yaml", "--resume", "--bogus"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The smoke config through the CLI, with real Ray, vLLM and DeepSpeed: contract, merge maths, serving, resume.
+"""The smoke config through the CLI, with real Ray, vLLM and DeepSpeed: contract, merge maths, serving.
 
 The module's run trains in bfloat16 (the demo's dtype on CPUs that compute it natively): train → merge →
 eval in bf16, with the runs' final policies saved as their fp32 master weights.
@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -128,34 +126,4 @@ def test_eval_writes_the_pareto_front(smoke_run: Path) -> None:
     assert "iter-2/init" in result.stdout
 
 
-def test_resume_after_sigkill_mid_iteration(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    # 8 steps with a checkpoint every 2: the kill lands long before a run could finish its iteration.
-    args = ["train", "--config", "configs/smoke.yaml", f"output.dir={out}", "warp.steps=8", "warp.checkpoint_every=2"]
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "warp_rlhf", *args],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own process group: the kill takes Ray's local processes too
-    )
-    marker = out / "state" / "iter-1" / "run-1" / "progress.json"
-    deadline = time.monotonic() + 480
-    while not marker.is_file() and driver.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert marker.is_file(), "no step checkpoint was written"
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
-    checkpointed = json.loads(marker.read_text())["step"]
-    assert checkpointed in (2, 4, 6)
-
-    result = _warp("train", "--resume", *args[1:])
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert f"run 1 of iteration 1 resumes at step {checkpointed}" in result.stderr
-    metrics = pq.read_table(out / "metrics.parquet").to_pylist()
-    keys = sorted((r["iteration"], r["run"], r["step"]) for r in metrics)
-    assert keys == [(i, m, t) for i in (1, 2) for m in (1, 2) for t in range(8)]  # no step twice, none lost
-    assert (out / "iter-2" / "init" / "model.safetensors").is_file()
-
-    changed = _warp("train", "--resume", *args[1:], "warp.beta=0.5")
-    assert changed.returncode == 2 and "warp.beta (0.1 → 0.5)" in changed.stderr
+# Stopping and resuming a run, every way it can stop: tests/warp_rlhf/test_stops.py.
