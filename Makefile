@@ -43,7 +43,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-# The whole suite, slow tests included: 13 min on a 2-core CPU with avx512_bf16, 46 min on one without (README, Tests).
+# The whole suite, slow tests included: 41 min on a 2-core CPU without native bf16 (README, Tests).
 test: install lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
