@@ -39,6 +39,8 @@ def _check_mu(mu: float) -> None:
 class EmaAnchor:
     """θ_ema as a frozen full module plus fp32 accumulators keyed by HF parameter name."""
 
+    partitioned = False  # every rank holds all of it
+
     def __init__(self, module: torch.nn.Module, mu: float, device: torch.device | str = "cpu") -> None:
         _check_mu(mu)
         self.mu = mu
@@ -118,6 +120,8 @@ class PartitionedAnchor:
     must call ``sequence_logprobs``, ``reset``, ``gathered`` the same number of times: they gather.
     ``update``, ``state_dict`` and ``load_state_dict`` are local to the rank.
     """
+
+    partitioned = True  # each rank holds its shard
 
     def __init__(self, module: torch.nn.Module, mu: float, ds_config: dict[str, Any]) -> None:
         import deepspeed

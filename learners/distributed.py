@@ -165,3 +165,35 @@ def _flat_masters(optimizer: Any) -> dict[int, torch.Tensor]:
             views[id(param)] = flat[offset : offset + param.numel()].view(param.shape)
             offset += param.numel()
     return views
+
+
+def agree(values: list[int], world_size: int, device: Any) -> tuple[int, int, int, int]:
+    """(Σ rows, max micro-batches, Σ non-finite flags, Σ cut-group flags) over ranks: one small collective."""
+    import torch
+    import torch.distributed as dist
+
+    local = torch.tensor(values, dtype=torch.int64, device=device)
+    if world_size == 1:
+        return tuple(int(v) for v in local)
+    gathered = [torch.empty_like(local) for _ in range(world_size)]
+    dist.all_gather(gathered, local)
+    table = torch.stack(gathered)  # (R, 4)
+    return int(table[:, 0].sum()), int(table[:, 1].max()), int(table[:, 2].sum()), int(table[:, 3].sum())
+
+
+def agree_sum(values: list[float], world_size: int, device: Any) -> list[float]:
+    """Each value summed over ranks (float64)."""
+    import torch
+    import torch.distributed as dist
+
+    local = torch.tensor(values, dtype=torch.float64, device=device)
+    if world_size > 1:
+        dist.all_reduce(local)
+    return [float(v) for v in local]
+
+
+def barrier(world_size: int) -> None:
+    import torch.distributed as dist
+
+    if world_size > 1:
+        dist.barrier()

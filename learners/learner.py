@@ -3,15 +3,14 @@
 Owns one rank's step (log-probs under policy and anchor, shaped reward, baseline, loss, backward with
 our own gradient accumulation, Adam step, EMA update), non-finite protection, full-weight export in
 FlatWeights form or as a collective broadcast to the engines (:mod:`learners.publish`), the reset to
-θ_init, and resume state. A plain class: it works in-process (world size 1) and LearnerGroup makes R
-of them Ray actors. Imports torch, deepspeed and transformers lazily; from ``actors`` only the wire
-contracts (``actors.rollout``, ``actors.broadcast``); never Ray or vLLM.
+θ_init, and resume state (on disk: :mod:`learners.state`). A plain class: it works in-process (world
+size 1) and LearnerGroup makes R of them Ray actors. Imports torch, deepspeed and transformers lazily;
+from ``actors`` only the wire contracts (``actors.rollout``, ``actors.broadcast``); never Ray or vLLM.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import time
@@ -25,6 +24,9 @@ from actors.rollout import to_tensors
 from learners.anchor import EmaAnchor, PartitionedAnchor
 from learners.batching import pack_micro_batches
 from learners.distributed import (
+    agree,
+    agree_sum,
+    barrier,
     deepspeed_config,
     full_parameters,
     init_process_group,
@@ -41,6 +43,7 @@ from learners.objective import (
     sequence_logprobs_and_entropy,
 )
 from learners.publish import Broadcaster
+from learners.state import load_rank_state, save_rank_state
 from learners.timing import Phases
 
 if TYPE_CHECKING:
@@ -51,7 +54,6 @@ if TYPE_CHECKING:
     from warp_rlhf.config import LearnersConfig
 
 log = logging.getLogger(__name__)
-DS_TAG = "deepspeed"
 
 
 class LearnerRank:
@@ -142,9 +144,8 @@ class LearnerRank:
         # Agreed before any forward: under ZeRO-3 every forward (anchor, pre-pass, training) gathers
         # parameters collectively, so every rank runs the same number of each, padding with dummies.
         reward_finite = bool(torch.isfinite(batch["reward"]).all())
-        num_seqs, num_micro, num_bad, num_cut = self._agree(
-            [len(rollouts), len(micro), int(not reward_finite), int(not intact)]
-        )
+        flags = [len(rollouts), len(micro), int(not reward_finite), int(not intact)]
+        num_seqs, num_micro, num_bad, num_cut = agree(flags, self.world_size, self.device)
         padded = micro + [micro[0][:1]] * (num_micro - len(micro))  # dummies: results discarded
         clock = Phases()
         with clock("anchor"), torch.no_grad():
@@ -153,7 +154,8 @@ class LearnerRank:
                     : len(micro)
                 ]
             )
-        (num_bad_anchor,) = self._agree_sum([float(not bool(torch.isfinite(anchor_logp).all()))])
+        anchor_finite = bool(torch.isfinite(anchor_logp).all())
+        (num_bad_anchor,) = agree_sum([float(not anchor_finite)], self.world_size, self.device)
         if num_bad or num_bad_anchor:
             return self._skip(start, "a non-finite reward or anchor log-probability", len(rollouts))
         prepass = num_cut > 0 or self.cfg.baseline == "mean"
@@ -207,7 +209,7 @@ class LearnerRank:
         rows = torch_index(np.concatenate(micro), logp.device)
         r_beta = kl_shaped_reward(batch["reward"][rows], logp, anchor_logp, self.beta)  # (B,) in micro order
         if self.cfg.baseline == "mean":
-            total, count = self._agree_sum([float(r_beta.sum()), float(len(r_beta))])
+            total, count = agree_sum([float(r_beta.sum()), float(len(r_beta))], self.world_size, self.device)
             adv_in_order = r_beta - total / count
         else:
             adv_in_order = advantages(r_beta, batch["group_id"][rows], self.cfg.baseline)
@@ -262,7 +264,8 @@ class LearnerRank:
         if self._own_grad_check:
             grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
             grad_norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
-            (num_bad,) = self._agree_sum([float(not (loss_finite and math.isfinite(grad_norm)))])
+            finite = loss_finite and math.isfinite(grad_norm)
+            (num_bad,) = agree_sum([float(not finite)], self.world_size, self.device)
             if num_bad:
                 self.engine.zero_grad()
                 return False, grad_norm
@@ -272,7 +275,7 @@ class LearnerRank:
         norm = self.engine.get_global_grad_norm()
         grad_norm = float(norm) if norm is not None else float("nan")
         applied = self.engine.was_step_applied()
-        (num_bad,) = self._agree_sum([float(not loss_finite)])
+        (num_bad,) = agree_sum([float(not loss_finite)], self.world_size, self.device)
         if applied and num_bad:
             raise RuntimeError("DeepSpeed applied an update from a non-finite loss; the weights are corrupt")
         return applied, grad_norm
@@ -286,28 +289,6 @@ class LearnerRank:
     def _metrics(self, start: float, n: int, skipped: bool, grad_norm: float, **values: float) -> dict[str, Any]:
         return dict(values, grad_norm=grad_norm, sequences=n, skipped=skipped, lr=self._lr, step=self.steps,
                     seconds=time.perf_counter() - start)  # fmt: skip
-
-    def _agree(self, values: list[int]) -> tuple[int, int, int, int]:
-        """(Σ rows, max micro-batches, Σ non-finite flags, Σ cut-group flags) over ranks: one small collective."""
-        import torch
-        import torch.distributed as dist
-
-        local = torch.tensor(values, dtype=torch.int64, device=self.device)
-        if self.world_size == 1:
-            return tuple(int(v) for v in local)
-        gathered = [torch.empty_like(local) for _ in range(self.world_size)]
-        dist.all_gather(gathered, local)
-        table = torch.stack(gathered)  # (R, 4)
-        return int(table[:, 0].sum()), int(table[:, 1].max()), int(table[:, 2].sum()), int(table[:, 3].sum())
-
-    def _agree_sum(self, values: list[float]) -> list[float]:
-        import torch
-        import torch.distributed as dist
-
-        local = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self.world_size > 1:
-            dist.all_reduce(local)
-        return [float(v) for v in local]
 
     # ------------------------------------------------------------------------------------------------
     # Weights in and out
@@ -392,60 +373,20 @@ class LearnerRank:
     # Resume
 
     def save_state(self, directory: str | Path) -> None:
-        """Everything resume needs: DeepSpeed checkpoint (weights, Adam, schedule), anchor, RNG, counters.
-
-        Every rank must call it with the same directory; the caller renames a finished directory into place.
-        """
-        import torch
-        from safetensors.torch import save_file
-
-        path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
-        self.engine.save_checkpoint(str(path), tag=DS_TAG, save_latest=False)
-        torch.save(rng_state(), path / f"rng-rank{self.rank}.pt")
-        if self.rank == 0 or self._anchor_partitioned:
-            save_file(self.anchor.state_dict(), str(path / self._anchor_file))
-        if self.rank == 0:
-            counters = {"steps": self.steps, "updates": self.updates, "version": self.version,
-                        "anchor_updates": self.anchor.updates}  # fmt: skip
-            (path / "learner.json").write_text(json.dumps(counters))
-        self._barrier()
+        """Everything resume needs (:mod:`learners.state`). Every rank calls it with the same directory."""
+        counters = {"steps": self.steps, "updates": self.updates, "version": self.version}
+        save_rank_state(directory, self.engine, self.anchor, self.rank, counters)
+        barrier(self.world_size)
 
     def load_state(self, directory: str | Path) -> None:
         """Continue exactly where save_state left off (same ranks, same ZeRO stage)."""
-        import torch
-        from safetensors.torch import load_file
-
-        path = Path(directory)
-        counters = json.loads((path / "learner.json").read_text())
-        load_path, _ = self.engine.load_checkpoint(
-            str(path), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
-        if load_path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint under {str(path)!r}")
-        self.anchor.load_state_dict(load_file(str(path / self._anchor_file)), counters["anchor_updates"])
-        set_rng_state(torch.load(path / f"rng-rank{self.rank}.pt", weights_only=True))
+        counters = load_rank_state(directory, self.engine, self.anchor, self.rank)
         self.steps, self.updates, self.version = counters["steps"], counters["updates"], counters["version"]
-
-    @property
-    def _anchor_partitioned(self) -> bool:
-        return isinstance(self.anchor, PartitionedAnchor)
-
-    @property
-    def _anchor_file(self) -> str:
-        """A partitioned anchor is saved shard by shard, one file per rank; a full one once, by rank 0."""
-        return f"anchor-rank{self.rank}.safetensors" if self._anchor_partitioned else "anchor.safetensors"
-
-    def _barrier(self) -> None:
-        import torch.distributed as dist
-
-        if self.world_size > 1:
-            dist.barrier()
 
     def shutdown(self) -> None:
         """Release the engine; the process group stays (it belongs to the process, and may be shared)."""
         self.broadcaster.close()
-        if self._anchor_partitioned:
+        if self.anchor.partitioned:
             self.anchor.engine.destroy()
         self.engine.destroy()
 
@@ -454,20 +395,3 @@ def torch_index(rows: np.ndarray, device: torch.device) -> torch.Tensor:
     import torch
 
     return torch.as_tensor(rows, dtype=torch.int64, device=device)
-
-
-def rng_state() -> dict[str, Any]:
-    import torch
-
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    import torch
-
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
