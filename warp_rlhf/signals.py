@@ -13,6 +13,7 @@ SystemError. It only records the signal and sets ``stop``; the driver checks at 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -94,14 +95,28 @@ class StopOnSignal:
                         "quit at once", name)  # fmt: skip
 
     def _kill_ray(self) -> None:
-        """Kill the local Ray instance this run started (its workers, engines included, follow the raylet)."""
+        """SIGKILL every process this run started: the Ray instance (GCS, raylet, the raylet's agents, the
+        workers and engines) and anything else below this process.
+
+        The descendants are listed before anything dies: a killed raylet's agents are re-parented and would
+        no longer be found below us, and they only notice their raylet is gone some 30 s later.
+        """
         if not self.ray_started:
             return
+        try:
+            import psutil
+
+            descendants = psutil.Process().children(recursive=True)
+        except Exception:  # noqa: BLE001 - exiting anyway; never a traceback on the second Ctrl-C
+            descendants = []
+        for process in descendants:
+            with contextlib.suppress(Exception):
+                process.kill()
         try:
             import ray
 
             node = ray._private.worker._global_node
-            if node is not None:
+            if node is not None:  # whatever Ray started outside our process tree (none known, but its contract)
                 node.kill_all_processes(check_alive=False, allow_graceful=False)
-        except Exception:  # noqa: BLE001 - exiting anyway; never a traceback on the second Ctrl-C
+        except Exception:  # noqa: BLE001
             pass

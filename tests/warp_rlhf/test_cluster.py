@@ -30,6 +30,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.processes import processes_with
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # this environment's `ray` and `python`, as on a cluster node
 START_TIMEOUT_S = 120
@@ -96,18 +98,6 @@ def _free_ports(n: int) -> list[int]:
             sock.close()
 
 
-def _processes_with(marker: str) -> list[int]:
-    """Every process whose environment holds `marker` (our head's token): the head and all it spawned."""
-    found = []
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if marker.encode() in environ.read_bytes().split(b"\0"):
-                found.append(int(environ.parent.name))
-        except OSError:
-            continue  # exited, or not ours to read
-    return [pid for pid in found if pid != os.getpid()]
-
-
 def _start_head(temp_dir: Path, log: Path) -> Head:
     gcs, dashboard, client, agent = _free_ports(4)
     token = secrets.token_hex(32)
@@ -160,7 +150,7 @@ def _add_workers(head: Head, logs: Path) -> None:
 def _kill_node(head: Head, address: str) -> None:
     """SIGKILL this cluster's processes that belong to the node at ``address`` (after a failed start)."""
     marker = f"RAY_AUTH_TOKEN={head.env['RAY_AUTH_TOKEN']}"
-    for pid in _processes_with(marker):
+    for pid in list(processes_with(marker)):
         with contextlib.suppress(OSError):
             if address.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
                 os.kill(pid, signal.SIGKILL)
@@ -202,7 +192,7 @@ def _stop_head(head: Head) -> None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=90)
     for _ in range(3):  # workers may be mid-spawn; kill only processes carrying this head's token
-        leftovers = _processes_with(marker)
+        leftovers = list(processes_with(marker))
         if not leftovers:
             return
         for pid in leftovers:
@@ -229,7 +219,7 @@ def head() -> Iterator[Head]:
         yield head
     finally:
         _stop_head(head)
-        assert _processes_with(f"RAY_AUTH_TOKEN={head.env['RAY_AUTH_TOKEN']}") == []
+        assert not processes_with(f"RAY_AUTH_TOKEN={head.env['RAY_AUTH_TOKEN']}")
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

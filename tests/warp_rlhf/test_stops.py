@@ -25,6 +25,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from tests.processes import left_over
 from warp_rlhf.hardware import native_bf16_cpu
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,25 +37,6 @@ MARKER = "WARP_RLHF_TEST_INSTANCE"
 def _step(out: Path, run: int) -> int:
     progress = out / "state" / "iter-1" / f"run-{run}" / "progress.json"
     return json.loads(progress.read_text())["step"] if progress.is_file() else 0
-
-
-def _processes_with(marker: str) -> list[str]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and marker.encode() in (proc / "environ").read_bytes():
-                command = (proc / "cmdline").read_bytes().replace(b"\0", b" ")[:120].decode(errors="replace")
-                found.append(f"{proc.name}: {command}")
-        except OSError:  # gone meanwhile, or not ours to read
-            continue
-    return found
-
-
-def _left_over(marker: str, grace_s: float = 15.0) -> list[str]:
-    deadline = time.monotonic() + grace_s
-    while (left := _processes_with(marker)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return left
 
 
 class Train:
@@ -77,7 +59,15 @@ class Train:
         raise AssertionError(f"training never reached steps {steps}: exit {self.process.poll()}")
 
     def finish(self, timeout: float) -> str:
-        _, stderr = self.process.communicate(timeout=timeout)
+        """Its stderr once it has exited; if it has not within ``timeout``, it is killed and the test fails
+        with what it printed last (a hang must say where it hung)."""
+        try:
+            _, stderr = self.process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            _, stderr = self.process.communicate()
+            message = f"train still running after {timeout:.0f} s; its stderr ends:\n{stderr[-4000:]}"
+            raise AssertionError(message) from None
         return stderr
 
     def kill(self) -> None:
@@ -115,7 +105,7 @@ def test_a_run_survives_every_kind_of_stop_and_resume_finishes_it(tmp_path: Path
     assert first.process.returncode not in (0, 130)
     assert "ActorDiedError" in stderr or "RayActorError" in stderr, stderr[-3000:]  # the original error
     assert _step(out, 2) <= at_kill + 2 < STEPS  # run 2 stopped within a step, checkpointed where it stood
-    assert not _left_over(first.marker)
+    assert not left_over(first.marker)
 
     # 2. Resume, then Ctrl-C: every run stops at its next step boundary, saves, shuts Ray down, exits 130.
     second = train([*args, "--resume"])
@@ -128,7 +118,7 @@ def test_a_run_survives_every_kind_of_stop_and_resume_finishes_it(tmp_path: Path
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("warp-rlhf: stopped by SIGINT; state saved in"), last
     assert "continue with: warp-rlhf train --config configs/smoke.yaml --resume" in last
-    assert not _left_over(second.marker)
+    assert not left_over(second.marker)
     assert _step(out, 1) < STEPS
 
     # 3. Resume, then Ctrl-C twice: the second quits at once, without a traceback and without leftovers.
@@ -140,12 +130,12 @@ def test_a_run_survives_every_kind_of_stop_and_resume_finishes_it(tmp_path: Path
     stderr = third.finish(timeout=30)
     assert third.process.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr and "SIGINT again: quitting now" in stderr, stderr[-3000:]
-    assert not _left_over(third.marker, grace_s=30)
+    assert not left_over(third.marker, grace_s=30)
 
     # 4. Resume finishes both iterations: every step once, in the dtype `auto` chose when the run began.
-    done = subprocess.run([sys.executable, "-m", "warp_rlhf", *args, "--resume"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-4000:]
+    done = train([*args, "--resume"])
+    stderr = done.finish(timeout=600)
+    assert done.process.returncode == 0, stderr[-4000:]
     keys = sorted((r["iteration"], r["run"], r["step"]) for r in pq.read_table(out / "metrics.parquet").to_pylist())
     assert keys == [(i, m, t) for i in (1, 2) for m in (1, 2) for t in range(STEPS)]  # nothing twice, none lost
     dtype = "bfloat16" if native_bf16_cpu() else "float32"
