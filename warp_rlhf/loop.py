@@ -186,6 +186,7 @@ class Trainer:
                 self.checkpoint(run, i, t + 1, samples, first)
                 samples, first = [], t + 1
         self.write_samples(run, i, samples, first, steps - 1)
+        self.metrics.flush()  # before the final policy: once it exists, resume never recomputes these steps
         return self.save_policy(run, final)
 
     def reset_run(self, run: Run, i: int, init_ref: Any) -> int:
