@@ -15,7 +15,8 @@ so the estimator is exactly 0 for θ_sft and free of sampler/learner numeric dri
 
 Prompt g's samples come from their own random stream, seeded from (seed, g) and the same for every
 model: streams are independent across prompts and reproducible, and models are compared on common
-random numbers (η′ = 1 reproduces the θ_slerp row exactly).
+random numbers. η′ = 0 is θ_sft and η′ = 1 is θ_slerp^I bit for bit, so those two are not sampled
+again: their rows repeat θ_sft's and θ_slerp^I's under their own labels.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class Candidate:
     iteration: int
     eta: float  # η′ for the LITI family, NaN otherwise
     source: Any  # HF directory, or a callable returning FlatWeights
+    same_as: str | None = None  # the label of a candidate with bit-identical weights: its samples are reused
 
 
 def candidates(out: RunDir, cfg: Config) -> list[Candidate]:
@@ -79,8 +81,10 @@ def candidates(out: RunDir, cfg: Config) -> list[Candidate]:
         last = i
     if last == 0:
         raise EvalError(f"{str(out.root)!r} has no completed iteration (no iter-1/slerp and iter-1/init)")
+    # liti_family is exact at the ends: η′ = 0 is θ_sft and η′ = 1 is θ_slerp^I, bit for bit.
+    ends = {0.0: "sft", 1.0: f"iter-{last}/slerp"}
     for eta in cfg.eval.etas:
-        found.append(Candidate(f"liti η'={eta:g}", "liti", last, eta, (sft, out.slerp(last), eta)))
+        found.append(Candidate(f"liti η'={eta:g}", "liti", last, eta, (sft, out.slerp(last), eta), ends.get(eta)))
     return found
 
 
@@ -141,25 +145,31 @@ def evaluate(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
                  sampler.samples_per_prompt, engines.engines_per_run)  # fmt: skip
         pool = ActorPool(cfg.model.path, engines, dtype=cfg.model.dtype, seed=cfg.seed,
                          placement_groups=placement.engines(1))  # fmt: skip
-        rows, samples, states = [], [], {}
-        progress = tqdm(total=len(models), desc="eval", unit="model", dynamic_ncols=True)  # with its ETA
+        rows, samples, states = [], {}, {}
+        generated = [m for m in models if m.same_as is None]
+        progress = tqdm(total=len(generated), desc="eval", unit="model", dynamic_ncols=True)  # with its ETA
         began = time.perf_counter()
-        for version, candidate in enumerate(models, start=1):
+        for version, candidate in enumerate(generated, start=1):
             weights = ray.put(load_candidate(candidate, version, states))
             pool.sync(weights, version)
             table = pool.generate(prompts, n=sampler.samples_per_prompt, temperature=sampler.temperature,
                                   top_k=sampler.top_k, seed=sampler.seed)  # fmt: skip
             table = score_rollouts(table, reward, cfg.reward.length_penalty)
-            samples.append((candidate, table, pool.score(table, sampler.temperature)))
-            rate = sum(t.num_rows for _, t, _ in samples) / (time.perf_counter() - began)
+            samples[candidate.label] = (table, pool.score(table, sampler.temperature))
+            rate = sum(t.num_rows for t, _ in samples.values()) / (time.perf_counter() - began)
             progress.set_postfix(model=candidate.label, samples_per_s=f"{rate:.1f}")
             progress.update(1)
         progress.close()
-        log.info("eval: scoring %d models' samples under θ_sft for the KL", len(samples))
-        pool.sync(ray.put(load_candidate(models[0], 0, states)), 0)  # θ_sft scores every model's samples
-        for candidate, table, logp in samples:
-            logp_sft = pool.score(table, sampler.temperature)
-            rows.append(_row(candidate, table, logp - logp_sft, sampler))
+        # Scored under θ_sft for the KL; θ_sft's own samples already were (log-ratio 0, bit for bit).
+        log.info("eval: scoring %d models' samples under θ_sft for the KL", len(samples) - 1)
+        pool.sync(ray.put(load_candidate(models[0], 0, states)), 0)
+        log_ratios = {models[0].label: np.zeros(len(samples[models[0].label][1]))}
+        for label, (table, logp) in samples.items():
+            if label not in log_ratios:
+                log_ratios[label] = logp - pool.score(table, sampler.temperature)
+        for candidate in models:  # the same samples, seed and weights give the same rows under another label
+            label = candidate.same_as or candidate.label
+            rows.append(_row(candidate, samples[label][0], log_ratios[label], sampler))
     finally:
         if pool is not None:
             pool.shutdown()

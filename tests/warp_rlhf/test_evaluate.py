@@ -61,6 +61,23 @@ def test_liti_family_is_exact_at_0_and_1_and_extrapolates_past_1() -> None:
         torch.testing.assert_close(liti_family(sft, slerp, 1.5)[name], expected, rtol=1e-6, atol=1e-6)
 
 
+def test_only_the_ends_of_the_liti_family_reuse_another_models_samples(tmp_path: Path) -> None:
+    from warp_rlhf.evaluate import candidates
+    from warp_rlhf.outputs import RunDir
+
+    for i in (1, 2):
+        for kind in ("slerp", "init"):
+            (tmp_path / f"iter-{i}" / kind).mkdir(parents=True)
+            for name in ("config.json", "model.safetensors"):
+                (tmp_path / f"iter-{i}" / kind / name).write_bytes(b"")
+    cfg = config_from_dict({"model": {"path": str(tmp_path / "sft")}, "warp": {"iterations": 2, "steps": 1},
+                            "eval": {"etas": [0.0, 0.5, 1.0, 1.5]}})  # fmt: skip
+    found = {c.label: c.same_as for c in candidates(RunDir(tmp_path), cfg)}
+    assert found == {"sft": None, "iter-1/slerp": None, "iter-1/init": None, "iter-2/slerp": None,
+                     "iter-2/init": None, "liti η'=0": "sft", "liti η'=0.5": None, "liti η'=1": "iter-2/slerp",
+                     "liti η'=1.5": None}  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
     """One completed iteration: θ_slerp = θ_sft + noise, θ_init = LITI(θ_sft, θ_slerp, 0.3)."""
@@ -105,9 +122,9 @@ def test_eval_measures_the_trained_sampler_and_the_liti_family(run_dir: Path) ->
         assert (r["temperature"], r["top_k"], r["samples_per_prompt"], r["max_new_tokens"]) == (0.9, 50, 4, 12)
         assert r["samples"] == 8 * 4
     assert "sampled at temperature 0.9, top-k 50, 4 samples per prompt" in stdout
-    assert rows["sft"]["kl"] == 0.0 and rows["sft"]["kl_se"] == 0.0  # θ_sft scored against itself
+    assert rows["sft"]["kl"] == 0.0 and rows["sft"]["kl_se"] == 0.0
+    # η' = 0 and η' = 1 are θ_sft and θ_slerp bit for bit (liti_family, tested above): sampled once, rows repeated.
     assert rows["liti η'=0"] | {"model": "sft", "kind": "sft", "iteration": 0} == rows["sft"] | {"eta": 0.0}
-    # The same weights and the same per-prompt streams: η' = 1 reproduces the θ_slerp row exactly.
     same = ("reward", "reward_se", "kl", "kl_se")
     assert {k: rows["liti η'=1"][k] for k in same} == {k: rows["iter-1/slerp"][k] for k in same}
     assert 0 < rows["iter-1/init"]["kl"] < rows["iter-1/slerp"]["kl"] < rows["liti η'=1.5"]["kl"]
