@@ -42,6 +42,7 @@ class LearnerGroup:
         placement_group: Any = None,
         temperature: float = 1.0,
         sampler_logprobs: str = "raw",
+        anchor: str = "ema",
     ) -> None:
         """Start the ranks; ``placement_group`` has one bundle per rank (the driver's), else the group makes one."""
         import ray
@@ -54,7 +55,7 @@ class LearnerGroup:
         self.master_addr, self.master_port = self._rendezvous()
         remote_rank = ray.remote(LearnerRank)
         common = dict(beta=beta, mu=mu, dtype=dtype, seed=seed, world_size=cfg.ranks, temperature=temperature,
-                      sampler_logprobs=sampler_logprobs, master_addr=self.master_addr,
+                      sampler_logprobs=sampler_logprobs, anchor=anchor, master_addr=self.master_addr,
                       master_port=self.master_port)  # fmt: skip
         self.ranks = [
             remote_rank.options(
@@ -123,12 +124,15 @@ class LearnerGroup:
 
         return ray.get(self.weights_ref(version, master))
 
-    def load_init(self, weights: FlatWeights | ray.ObjectRef) -> None:
-        """Reset every rank to θ_init (policy, anchor, Adam, warm-up); a ref is fetched once per node."""
+    def load_init(
+        self, weights: FlatWeights | ray.ObjectRef, anchor: FlatWeights | ray.ObjectRef | None = None
+    ) -> None:
+        """Reset every rank to θ_init (policy, anchor, Adam, warm-up), the anchor to ``anchor`` if given;
+        a ref is fetched once per node."""
         import ray
 
-        ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
-        ray.get([rank.load_init.remote(ref) for rank in self.ranks])
+        refs = [w if w is None or isinstance(w, ray.ObjectRef) else ray.put(w) for w in (weights, anchor)]
+        ray.get([rank.load_init.remote(*refs) for rank in self.ranks])
 
     def save_state(self, directory: str | Path) -> None:
         """Write resume state to a temporary sibling and rename it into place once every rank is done."""

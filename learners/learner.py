@@ -35,13 +35,7 @@ from learners.distributed import (
     master_parameters,
     zero3,
 )
-from learners.objective import (
-    add_drift,
-    advantages,
-    kl_shaped_reward,
-    reinforce_loss,
-    sequence_logprobs_and_entropy,
-)
+from learners.objective import add_drift, advantages, kl_shaped_reward, reinforce_loss, sequence_logprobs_and_entropy
 from learners.publish import Broadcaster
 from learners.state import load_rank_state, save_rank_state
 from learners.timing import Phases
@@ -74,10 +68,12 @@ class LearnerRank:
         master_port: int = 0,
         temperature: float = 1.0,
         sampler_logprobs: str = "raw",
+        anchor: str = "ema",
     ) -> None:
         """``temperature``: the engines' sampling temperature, applied to every log-prob here (policy and
         anchor). ``sampler_logprobs``: what the rollouts' logprobs are (actors.logprobs: raw = at T = 1,
-        processed = at T), so the drift metric compares like with like."""
+        processed = at T), so the drift metric compares like with like. ``anchor``: ``ema`` updates the
+        anchor after every step, ``sft`` keeps it where load_init put it (classic RLHF's fixed reference)."""
         import deepspeed
         import torch
         from transformers import AutoModelForCausalLM
@@ -89,7 +85,9 @@ class LearnerRank:
         if temperature <= 0 or sampler_logprobs not in ("raw", "processed"):
             raise ValueError(f"temperature = {temperature!r} must be > 0, sampler_logprobs = {sampler_logprobs!r} "
                              "raw or processed")  # fmt: skip
-        self.cfg, self.beta, self.dtype = cfg, beta, dtype
+        if anchor not in ("ema", "sft"):
+            raise ValueError(f"anchor = {anchor!r}: must be ema or sft")
+        self.cfg, self.beta, self.dtype, self.ema_anchor = cfg, beta, dtype, anchor == "ema"
         self.temperature = temperature
         self.drift_temperature = 1.0 if sampler_logprobs == "raw" else temperature
         self.rank, self.world_size = rank, world_size
@@ -167,7 +165,8 @@ class LearnerRank:
         if not applied:
             return self._skip(start, "a non-finite loss or gradient", len(rollouts), grad_norm)
         with clock("ema"):
-            self.anchor.update(self.engine.module)
+            if self.ema_anchor:
+                self.anchor.update(self.engine.module)
         self.updates += 1
         self.version += 1
         self.steps += 1
@@ -332,18 +331,15 @@ class LearnerRank:
     def weight_sender_info(self) -> dict[str, Any]:
         return self.broadcaster.info()
 
-    def load_init(self, weights: FlatWeights) -> None:
-        """θ ← θ_init and θ_ema ← θ_init; Adam moments and the warm-up restart, as a fresh run would.
+    def load_init(self, weights: FlatWeights, anchor: FlatWeights | None = None) -> None:
+        """θ ← θ_init and θ_ema ← θ_init (or ``anchor``: θ_sft for a fixed anchor); Adam moments and the
+        warm-up restart, as a fresh run would.
 
         Restarting the warm-up follows the paper: every run of every iteration starts from θ_init with
         a fresh optimizer, and a run without warm-up would take its first steps at full lr with empty
         moments.
         """
-        state = weights.state_dict()
-        names = {name for name, _ in self.engine.module.named_parameters()}
-        if set(state) != names:
-            missing, extra = sorted(names - set(state)), sorted(set(state) - names)
-            raise KeyError(f"load_init: weights do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+        state = self._matching(weights.state_dict())
         import torch
 
         with torch.no_grad():
@@ -352,9 +348,16 @@ class LearnerRank:
         if hasattr(self.engine.optimizer, "refresh_fp32_params"):
             self.engine.optimizer.refresh_fp32_params()  # the fp32 master copy follows the new weights
         self._reset_optimizer()
-        self.anchor.reset(state.items())
+        self.anchor.reset(state.items() if anchor is None else self._matching(anchor.state_dict()).items())
         self.updates = 0
         self.version = weights.version
+
+    def _matching(self, state: dict) -> dict:  # the policy's parameter names exactly, or KeyError
+        names = {name for name, _ in self.engine.module.named_parameters()}
+        if set(state) != names:
+            missing, extra = sorted(names - set(state)), sorted(set(state) - names)
+            raise KeyError(f"load_init: weights do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+        return state
 
     def _reset_optimizer(self) -> None:
         import torch

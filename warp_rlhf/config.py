@@ -255,6 +255,9 @@ class WarpConfig(_Section):
     """β: weight of the KL to the EMA anchor in the shaped reward (paper: 0.1)."""
     mu: float = 0.01
     """μ: EMA update rate of the anchor, θ_ema ← (1-μ)θ_ema + μθ (paper: 0.01)."""
+    anchor: str = "ema"
+    """The KL's anchor: `ema` (WARP: the policy's EMA, restarted at θ_init every iteration) or `sft` (classic
+    RLHF: θ_sft, never updated; with warp.runs = 1 and warp.iterations = 1 this is KL-regularised RLOO)."""
     eta: float = 0.3
     """η: LITI rate, θ_init ← (1-η)θ_init + ηθ_slerp (paper: 0.3)."""
     lam: float = 0.5
@@ -275,6 +278,7 @@ class WarpConfig(_Section):
         _require(self.prompts_per_step >= 1, k("prompts_per_step"), self.prompts_per_step, ">= 1")
         _require(self.beta >= 0, k("beta"), self.beta, ">= 0")
         _require(0 < self.mu <= 1, k("mu"), self.mu, "in (0, 1]")
+        _require(self.anchor in ("ema", "sft"), k("anchor"), self.anchor, "ema or sft")
         _require(0 <= self.eta <= 1, k("eta"), self.eta, "in [0, 1]")
         _require(0 <= self.lam <= 1, k("lam"), self.lam, "in [0, 1]")
         _require(self.checkpoint_every >= 0, k("checkpoint_every"), self.checkpoint_every, ">= 0")
@@ -335,9 +339,13 @@ class OutputConfig(_Section):
     """Append every rollout batch to Parquet logs under samples/."""
     tensorboard: bool = True
     """Write TensorBoard event files next to metrics.parquet."""
+    policy_every: int = 0
+    """Also save each run's policy every this many steps, as iter-<i>/snapshots/run-<m>-step-<t>/ (0: only
+    the final one); `eval` then measures them too: the early-stopping front."""
 
     def __post_init__(self) -> None:
         _require(bool(self.dir), self._key("dir"), self.dir, "a directory path")
+        _require(self.policy_every >= 0, self._key("policy_every"), self.policy_every, ">= 0 (0: only the final)")
 
 
 @dataclass(frozen=True)

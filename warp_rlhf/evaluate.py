@@ -61,12 +61,14 @@ def eval_sampler(cfg: Config) -> Sampler:
 
 @dataclass(frozen=True)
 class Candidate:
-    label: str  # "sft", "iter-2/slerp", "liti eta'=0.5", ...
-    kind: str  # sft | slerp | init | liti
+    label: str  # "sft", "iter-2/slerp", "liti eta'=0.5", "iter-1/run-2@8", ...
+    kind: str  # sft | slerp | init | liti | policy (a run's policy after `step` steps: early stopping)
     iteration: int
     eta: float  # η′ for the LITI family, NaN otherwise
     source: Any  # HF directory, or a callable returning FlatWeights
     same_as: str | None = None  # the label of a candidate with bit-identical weights: its samples are reused
+    run: int = 0  # kind policy: its run and step; 0 and -1 otherwise
+    step: int = -1
 
 
 def candidates(out: RunDir, cfg: Config) -> list[Candidate]:
@@ -78,6 +80,7 @@ def candidates(out: RunDir, cfg: Config) -> list[Candidate]:
             break
         found += [Candidate(f"iter-{i}/slerp", "slerp", i, float("nan"), out.slerp(i))]
         found += [Candidate(f"iter-{i}/init", "init", i, float("nan"), out.init(i))]
+        found += _trajectories(out, cfg, i)
         last = i
     if last == 0:
         raise EvalError(f"{str(out.root)!r} has no completed iteration (no iter-1/slerp and iter-1/init)")
@@ -86,6 +89,14 @@ def candidates(out: RunDir, cfg: Config) -> list[Candidate]:
     for eta in cfg.eval.etas:
         found.append(Candidate(f"liti η'={eta:g}", "liti", last, eta, (sft, out.slerp(last), eta), ends.get(eta)))
     return found
+
+
+def _trajectories(out: RunDir, cfg: Config, i: int) -> list[Candidate]:
+    """The runs' snapshots (output.policy_every) and, with them, each run's final policy: early stopping."""
+    snapshots = out.snapshots(i)
+    finals = [(m, cfg.warp.steps_in(i), out.policy(i, m)) for m in sorted({m for m, _, _ in snapshots})]
+    return [Candidate(f"iter-{i}/run-{m}@{t}", "policy", i, float("nan"), path, run=m, step=t)
+            for m, t, path in sorted(snapshots + finals)]  # fmt: skip
 
 
 def load_candidate(candidate: Candidate, version: int, states: dict[Path, dict]):  # noqa: ANN201 - FlatWeights
@@ -191,6 +202,8 @@ def _row(candidate: Candidate, table: pa.Table, log_ratio: np.ndarray, sampler: 
         "kind": candidate.kind,
         "iteration": candidate.iteration,
         "eta": candidate.eta,
+        "run": candidate.run,
+        "step": candidate.step,
         "reward": float(rewards.mean()),
         "reward_se": float(rewards.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
         "kl": float(log_ratio.mean()),
@@ -214,6 +227,11 @@ def plot_pareto(table: pa.Table, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     family = sorted((r for r in rows if r["kind"] == "liti"), key=lambda r: r["eta"])
     ax.plot([r["kl"] for r in family], [r["reward"] for r in family], "o-", color="tab:gray", label="LITI η′ family")
+    for i, m in sorted({(r["iteration"], r["run"]) for r in rows if r["kind"] == "policy"}):
+        trajectory = sorted((r for r in rows if r["kind"] == "policy" and (r["iteration"], r["run"]) == (i, m)),
+                      key=lambda r: r["step"])  # fmt: skip
+        ax.plot([r["kl"] for r in trajectory], [r["reward"] for r in trajectory], ".:", alpha=0.7,
+                label=f"iteration {i} run {m} every {trajectory[0]['step']} steps (early stopping)")  # fmt: skip
     styles = {"sft": ("k", "s"), "slerp": ("tab:red", "*"), "init": ("tab:blue", "o")}
     for kind, (color, marker) in styles.items():
         chosen = [r for r in rows if r["kind"] == kind]

@@ -75,6 +75,7 @@ class Trainer:
         self.metrics = MetricsLog(out.metrics, out.root / "tensorboard" if cfg.output.tensorboard else None)
         self.runs: list[Run] = []
         self.stop = stop  # set (by a failing run or by Ctrl-C): every run stops at its next step boundary
+        self.anchor_ref: Any = None  # warp.anchor = sft: θ_sft in the object store, every run's fixed anchor
 
     def start_runs(self) -> None:
         """Every run's engines and learner ranks start at once, each in its group; then wait for them all."""
@@ -99,6 +100,7 @@ class Trainer:
                 temperature=cfg.actors.temperature,
                 sampler_logprobs=cfg.actors.logprobs,
                 mu=cfg.warp.mu,
+                anchor=cfg.warp.anchor,
                 dtype=dtype,
                 seed=seed,
                 placement_group=self.placement.learner(m),
@@ -182,6 +184,8 @@ class Trainer:
             samples.append(rollouts)
             self.record(run, i, t, rollouts, {**stats, **timings})
             self.startup.first_step()
+            if self.cfg.output.policy_every and (t + 1) % self.cfg.output.policy_every == 0 and t + 1 < steps:
+                self.save_policy(run, self.out.snapshot(i, run.index, t + 1))
             if self.checkpoint_due(t, steps):
                 self.checkpoint(run, i, t + 1, samples, first)
                 samples, first = [], t + 1
@@ -203,7 +207,7 @@ class Trainer:
             log.info("run %d of iteration %d resumes at step %d", run.index, i, saved["step"])
             self.progress.update(saved["step"])
             return int(saved["step"])
-        run.learner.load_init(init_ref)
+        run.learner.load_init(init_ref, anchor=self.anchor_ref)
         run.version = self.version_base(i)
         run.pool.sync(init_ref, run.version)  # already in the object store: one read per node
         return 0
@@ -257,7 +261,8 @@ class Trainer:
             write_parquet_atomic(self.out.samples(i, run.index, first, last), pa.concat_tables(samples))
 
     def save_policy(self, run: Run, final: Path) -> Any:
-        """The run's final policy as HF checkpoint; returns the ObjectRef the merger reads it from.
+        """The run's policy (its final one, or a snapshot) as HF checkpoint; returns the ObjectRef the merger
+        reads it from.
 
         The optimizer's fp32 master weights, not the model-dtype copy the engines sample with: at small
         learning rates a bf16 rounding of θ_m would put independent noise into δ_m = θ_m − θ_init and
@@ -323,6 +328,8 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
             merger = MergerService(cfg, sft_dir, placement_group=placement.get("merger"))
             with startup.phase("θ_init into the object store"):
                 init_ref = ray.put(load_flat(out.init(done) if done else sft_dir))
+                if cfg.warp.anchor == "sft":
+                    trainer.anchor_ref = ray.put(load_flat(sft_dir)) if done else init_ref
             signals.check()
             for i in range(done + 1, cfg.warp.iterations + 1):
                 progress.set_description(f"WARP iteration {i}/{cfg.warp.iterations}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,19 @@ class RunDir:
 
     def policy(self, i: int, m: int) -> Path:
         return self.iteration(i) / f"run-{m}"
+
+    def snapshot(self, i: int, m: int, step: int) -> Path:
+        """Run m's policy after ``step`` steps of iteration i (output.policy_every)."""
+        return self.iteration(i) / "snapshots" / f"run-{m}-step-{step}"
+
+    def snapshots(self, i: int) -> list[tuple[int, int, Path]]:
+        """(run, step, directory) of iteration i's complete snapshots, by run then step."""
+        found = []
+        for path in (self.iteration(i) / "snapshots").glob("run-*-step-*"):
+            match = re.fullmatch(r"run-(\d+)-step-(\d+)", path.name)
+            if match and is_complete_checkpoint(path):
+                found.append((int(match[1]), int(match[2]), path))
+        return sorted(found)
 
     def slerp(self, i: int) -> Path:
         return self.iteration(i) / "slerp"

@@ -123,3 +123,28 @@ def test_micro_batching_and_prepass_match_one_big_micro_batch(learner, rollouts)
         learner.cfg = original
     tolerance = 1e-5 if learner.dtype == "float32" else 1e-2
     assert max_diff(learner.weights(), reference) <= tolerance
+
+
+def test_a_fixed_sft_anchor_never_moves_and_stays_sft_from_another_init(tiny_model_dir, rollouts):
+    """warp.anchor = sft (classic RLHF): no EMA update; a later iteration's θ_init keeps θ_sft as the anchor."""
+    from learners.learner import LearnerRank
+
+    cfg = LearnersConfig(lr=1e-3, warmup_steps=0, micro_batch_size=8)
+    rank = LearnerRank(tiny_model_dir, cfg, beta=0.1, mu=0.5, dtype="float32", seed=0, anchor="sft")
+    try:
+        sft = rank.weights()
+
+        def anchor_is_sft() -> bool:
+            anchor = rank.anchor.state_dict()
+            return all(torch.equal(anchor[name], tensor) for name, tensor in sft.tensors())
+
+        assert rank.step(rollouts)["kl"] == 0.0 and rank.step(rollouts)["kl"] != 0.0
+        assert anchor_is_sft() and rank.anchor.updates == 0
+        moved = rank.weights()  # stands in for the next iteration's θ_init
+        assert not flat_equal(moved, sft)
+        rank.load_init(moved, anchor=sft)
+        assert flat_equal(rank.weights(), moved) and anchor_is_sft()
+        assert rank.step(rollouts)["kl"] != 0.0  # θ_init ≠ θ_sft: the first step already pays KL
+        assert anchor_is_sft()
+    finally:
+        rank.shutdown()

@@ -126,3 +126,9 @@ def test_overrides_may_follow_an_option(capsys: pytest.CaptureFixture[str]) -> N
     with pytest.raises(SystemExit) as exit_:
         main(["train", "--config", "configs/smoke.yaml", "--resume", "--bogus"])
     assert exit_.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_anchor_is_ema_or_sft() -> None:
+    assert config_from_dict({"warp": {"anchor": "sft", "steps": 1}}).warp.anchor == "sft"
+    with pytest.raises(ConfigError, match=r"warp.anchor = 'fixed': must be ema or sft"):
+        config_from_dict({"warp": {"anchor": "fixed", "steps": 1}})

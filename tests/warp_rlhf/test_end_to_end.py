@@ -15,6 +15,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from warp_rlhf.outputs import RunDir
+
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 
@@ -28,7 +30,8 @@ def _warp(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("smoke") / "run"
-    result = _warp("train", "--config", "configs/smoke.yaml", "model.dtype=bfloat16", f"output.dir={out}")
+    result = _warp("train", "--config", "configs/smoke.yaml", "model.dtype=bfloat16", "output.policy_every=1",
+                   f"output.dir={out}")  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     return out
 
@@ -55,6 +58,9 @@ def test_output_contract(smoke_run: Path) -> None:
     assert all(s["reward"] is not None for s in samples)
     assert list((smoke_run / "tensorboard").glob("events.out.tfevents.*"))
     assert not (smoke_run / "state" / "iter-1").exists()  # step state is dropped once merged
+    # output.policy_every = 1: every run's policy after each step but the last (that one is iter-<i>/run-<m>).
+    for i in (1, 2):
+        assert [(m, t) for m, t, _ in RunDir(smoke_run).snapshots(i)] == [(1, 1), (2, 1)]
 
 
 def test_every_rollout_is_on_policy(smoke_run: Path) -> None:
@@ -118,8 +124,11 @@ def test_eval_writes_the_pareto_front(smoke_run: Path) -> None:
     assert result.returncode == 0, result.stderr[-4000:]
     front = pq.read_table(smoke_run / "pareto.parquet").to_pylist()
     labels = [r["model"] for r in front]
-    assert labels[:5] == ["sft", "iter-1/slerp", "iter-1/init", "iter-2/slerp", "iter-2/init"]
+    runs = {i: [f"iter-{i}/run-{m}@{t}" for m in (1, 2) for t in (1, 2)] for i in (1, 2)}  # snapshot, then final
+    assert labels[:13] == ["sft", "iter-1/slerp", "iter-1/init", *runs[1], "iter-2/slerp", "iter-2/init", *runs[2]]
     assert sum(r["kind"] == "liti" for r in front) == 5
+    steps = {r["model"]: (r["run"], r["step"]) for r in front if r["kind"] == "policy"}
+    assert steps["iter-2/run-2@1"] == (2, 1) and steps["iter-2/run-2@2"] == (2, 2)
     sft = front[0]
     assert sft["kl"] == pytest.approx(0.0, abs=1e-6)  # θ_sft against itself
     assert (smoke_run / "pareto.png").stat().st_size > 10_000

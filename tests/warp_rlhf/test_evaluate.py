@@ -78,6 +78,26 @@ def test_only_the_ends_of_the_liti_family_reuse_another_models_samples(tmp_path:
                      "liti η'=1.5": None}  # fmt: skip
 
 
+def test_snapshots_are_evaluated_with_their_runs_final_policy(tmp_path: Path) -> None:
+    from warp_rlhf.evaluate import candidates
+    from warp_rlhf.outputs import RunDir
+
+    out = RunDir(tmp_path)
+    made = [out.slerp(1), out.init(1), out.snapshot(1, 2, 4), out.snapshot(1, 2, 8), out.snapshot(1, 1, 4),
+            out.iteration(1) / "snapshots" / "run-1-step-6"]  # fmt: skip
+    for directory in made:
+        directory.mkdir(parents=True)
+        for name in ("config.json", "model.safetensors"):
+            (directory / name).write_bytes(b"")
+    (out.iteration(1) / "snapshots" / "run-1-step-6" / "config.json").unlink()  # incomplete: left out
+    cfg = config_from_dict({"model": {"path": str(tmp_path / "sft")}, "warp": {"iterations": 1, "steps": 10},
+                            "eval": {"etas": [0.5]}})  # fmt: skip
+    found = [(c.label, c.kind, c.run, c.step) for c in candidates(out, cfg) if c.kind == "policy"]
+    assert found == [("iter-1/run-1@4", "policy", 1, 4), ("iter-1/run-1@10", "policy", 1, 10),
+                     ("iter-1/run-2@4", "policy", 2, 4), ("iter-1/run-2@8", "policy", 2, 8),
+                     ("iter-1/run-2@10", "policy", 2, 10)]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
     """One completed iteration: θ_slerp = θ_sft + noise, θ_init = LITI(θ_sft, θ_slerp, 0.3)."""
