@@ -229,7 +229,7 @@ def plot_pareto(table: pa.Table, path: Path) -> None:
     ax.plot([r["kl"] for r in family], [r["reward"] for r in family], "o-", color="tab:gray", label="LITI η′ family")
     for i, m in sorted({(r["iteration"], r["run"]) for r in rows if r["kind"] == "policy"}):
         trajectory = sorted((r for r in rows if r["kind"] == "policy" and (r["iteration"], r["run"]) == (i, m)),
-                      key=lambda r: r["step"])  # fmt: skip
+                            key=lambda r: r["step"])  # fmt: skip
         ax.plot([r["kl"] for r in trajectory], [r["reward"] for r in trajectory], ".:", alpha=0.7,
                 label=f"iteration {i} run {m} every {trajectory[0]['step']} steps (early stopping)")  # fmt: skip
     styles = {"sft": ("k", "s"), "slerp": ("tab:red", "*"), "init": ("tab:blue", "o")}
