@@ -132,3 +132,9 @@ def test_anchor_is_ema_or_sft() -> None:
     assert config_from_dict({"warp": {"anchor": "sft", "steps": 1}}).warp.anchor == "sft"
     with pytest.raises(ConfigError, match=r"warp.anchor = 'fixed': must be ema or sft"):
         config_from_dict({"warp": {"anchor": "fixed", "steps": 1}})
+
+
+def test_policy_every_is_zero_or_a_step_count() -> None:
+    assert config_from_dict({"output": {"policy_every": 4}, "warp": {"steps": 1}}).output.policy_every == 4
+    with pytest.raises(ConfigError, match=r"output.policy_every = -1: must be >= 0 \(0: only the final\)"):
+        config_from_dict({"output": {"policy_every": -1}, "warp": {"steps": 1}})
