@@ -184,9 +184,9 @@ class Trainer:
             samples.append(rollouts)
             self.record(run, i, t, rollouts, {**stats, **timings})
             self.startup.first_step()
-            if self.cfg.output.policy_every and (t + 1) % self.cfg.output.policy_every == 0 and t + 1 < steps:
+            if due(self.cfg.output.policy_every, t, steps):
                 self.save_policy(run, self.out.snapshot(i, run.index, t + 1))
-            if self.checkpoint_due(t, steps):
+            if due(self.cfg.warp.checkpoint_every, t, steps):
                 self.checkpoint(run, i, t + 1, samples, first)
                 samples, first = [], t + 1
         self.write_samples(run, i, samples, first, steps - 1)
@@ -240,10 +240,6 @@ class Trainer:
         self.progress.update(1)
         self.progress.set_postfix(iter=i, run=run.index, step=t, reward=f"{row.get('reward', 0):.3f}",
                                   kl=f"{row.get('kl', 0):.3f}")  # fmt: skip
-
-    def checkpoint_due(self, t: int, steps: int) -> bool:
-        every = self.cfg.warp.checkpoint_every
-        return every > 0 and (t + 1) % every == 0 and t + 1 < steps
 
     def checkpoint(self, run: Run, i: int, next_step: int, samples: list[Any], first: int) -> None:
         """Samples since the last checkpoint, metrics, then learner state, then the pointer to it."""
@@ -382,6 +378,12 @@ def report_merge_failure(out: RunDir) -> None:
         record = json.loads(failure.read_text())
         log.warning("the last attempt stopped at the merge of iteration %d: %s; its runs' final policies are "
                     "saved, so only the merge is retried", record["iteration"], record["error"])  # fmt: skip
+
+
+def due(every: int, t: int, steps: int) -> bool:
+    """Whether step t's end is an every-th step boundary before the last one (``every`` 0: never); the last
+    step ends in the run's final policy, which holds all of it."""
+    return every > 0 and (t + 1) % every == 0 and t + 1 < steps
 
 
 def _before_checkpoint(out: RunDir, row: dict[str, Any]) -> bool:
