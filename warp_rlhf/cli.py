@@ -133,6 +133,37 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_eval)
 
 
+def _study(args: argparse.Namespace) -> int:
+    from warp_rlhf.signals import EXIT_CODE, Interrupted
+    from warp_rlhf.study import load_spec, run_study
+
+    spec = load_spec(args.spec, dir=args.dir, seeds=args.seeds)
+    command = shlex.join(["warp-rlhf", "study", *sys.argv[2:]]) if sys.argv[1:2] == ["study"] else ""
+    try:
+        where = run_study(spec, tuple(args.overrides), command)
+    except Interrupted as exc:
+        print(f"warp-rlhf: {exc}; every finished run is kept and the interrupted one resumes: run the same "
+              "command again", file=sys.stderr)  # fmt: skip
+        return EXIT_CODE
+    print(f"study finished: {where}/study.parquet, report: {where}/report.md, plots: {where}/findings/")
+    return 0
+
+
+def _add_study(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "study",
+        help="arms x seeds of runs, evaluated alike: study.parquet, a plot per finding, report.md",
+        description="Trains every (arm, seed) of the spec as its own run directory (resuming unfinished ones, "
+        "never retraining finished ones), merges each iteration's LERP offline, evaluates every run on the same "
+        "held-out prompts, then decides the paper's findings. Every arm's config is checked before any run.",
+    )
+    parser.add_argument("--spec", required=True, help="study YAML (see studies/)")
+    parser.add_argument("--dir", help="the study's directory, instead of the spec's `dir`")
+    parser.add_argument("--seeds", type=seed_list, metavar="S,S,...", help="instead of the spec's seeds, e.g. 0,1")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="applied to every arm, last")
+    parser.set_defaults(handler=_study)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from warp_rlhf.serve import ServeOptions, serve
 
@@ -222,6 +253,14 @@ def parameter_count(text: str) -> float:
     return value
 
 
+def seed_list(text: str) -> list[int]:
+    """argparse type for --seeds: comma-separated integers such as 0,1,2."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas such as 0,1,2, got {text!r}") from None
+
+
 def port(text: str) -> int:
     """argparse type for --port (argparse names the function in its message: "invalid port value")."""
     port = int(text)
@@ -235,6 +274,7 @@ PARSERS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_merge,
     _add_train,
     _add_eval,
+    _add_study,
     _add_serve,
     _add_plan,
 )

@@ -1,8 +1,9 @@
 """`warp-rlhf eval`: the KL–reward plane of a finished (or partial) run, on held-out prompts.
 
-Evaluated models: θ_sft, every iter-<i>/slerp and iter-<i>/init, and the LITI family
-(1 − η′) θ_sft + η′ θ_slerp^I for η′ in eval.etas; η′ > 1 extrapolates past θ_slerp (ExPO, Zheng et
-al. 2024). For each: samples y ~ π on the held-out prompts, mean reward, and
+Evaluated models: θ_sft, every iter-<i>/slerp and iter-<i>/init (and iter-<i>/lerp where `warp-rlhf
+study` merged one), the runs' policy snapshots (output.policy_every) with their final policies, and the
+LITI family (1 − η′) θ_sft + η′ θ_slerp^I for η′ in eval.etas; η′ > 1 extrapolates past θ_slerp (ExPO,
+Zheng et al. 2024). For each: samples y ~ π on the held-out prompts, mean reward, and
 KL(π ‖ π_sft) = E_y [log π(y|x) − log π_sft(y|x)] by Monte Carlo.
 
 The policy measured is the one the run trained: samples are drawn with the run's sampling settings
@@ -62,7 +63,7 @@ def eval_sampler(cfg: Config) -> Sampler:
 @dataclass(frozen=True)
 class Candidate:
     label: str  # "sft", "iter-2/slerp", "liti eta'=0.5", "iter-1/run-2@8", ...
-    kind: str  # sft | slerp | init | liti | policy (a run's policy after `step` steps: early stopping)
+    kind: str  # sft | slerp | init | lerp | liti | policy (a run's policy after `step` steps: early stopping)
     iteration: int
     eta: float  # η′ for the LITI family, NaN otherwise
     source: Any  # HF directory, or a callable returning FlatWeights
@@ -80,6 +81,8 @@ def candidates(out: RunDir, cfg: Config) -> list[Candidate]:
             break
         found += [Candidate(f"iter-{i}/slerp", "slerp", i, float("nan"), out.slerp(i))]
         found += [Candidate(f"iter-{i}/init", "init", i, float("nan"), out.init(i))]
+        if is_complete_checkpoint(out.lerp(i)):  # merged offline by `warp-rlhf study`
+            found += [Candidate(f"iter-{i}/lerp", "lerp", i, float("nan"), out.lerp(i))]
         found += _trajectories(out, cfg, i)
         last = i
     if last == 0:
@@ -232,11 +235,12 @@ def plot_pareto(table: pa.Table, path: Path) -> None:
                             key=lambda r: r["step"])  # fmt: skip
         ax.plot([r["kl"] for r in trajectory], [r["reward"] for r in trajectory], ".:", alpha=0.7,
                 label=f"iteration {i} run {m} every {trajectory[0]['step']} steps (early stopping)")  # fmt: skip
-    styles = {"sft": ("k", "s"), "slerp": ("tab:red", "*"), "init": ("tab:blue", "o")}
+    styles = {"sft": ("k", "s"), "slerp": ("tab:red", "*"), "init": ("tab:blue", "o"), "lerp": ("tab:green", "D")}
     for kind, (color, marker) in styles.items():
         chosen = [r for r in rows if r["kind"] == kind]
         ax.scatter([r["kl"] for r in chosen], [r["reward"] for r in chosen], c=color, marker=marker, s=80,
-                   label={"sft": "θ_sft", "slerp": "θ_slerp (per iteration)", "init": "θ_init (LITI)"}[kind],
+                   label={"sft": "θ_sft", "slerp": "θ_slerp (per iteration)", "init": "θ_init (LITI)",
+                          "lerp": "θ_lerp (offline, per iteration)"}[kind],
                    zorder=3)  # fmt: skip
         for r in chosen:
             ax.annotate(r["model"], (r["kl"], r["reward"]), textcoords="offset points", xytext=(4, 4), fontsize=8)

@@ -2,6 +2,7 @@
 
 ```
 <output_dir>/config.yaml  iter-<i>/run-<m>/  iter-<i>/slerp/  iter-<i>/init/  metrics.parquet
+            iter-<i>/snapshots/run-<m>-step-<t>/ (output.policy_every)   iter-<i>/lerp/ (studies)
             samples/iter-<i>/run-<m>/steps-<a>-<b>.parquet   tensorboard/   pareto.parquet  pareto.png
             state/progress.json  state/iter-<i>/run-<m>/{learner/, progress.json}
 ```
@@ -80,6 +81,10 @@ class RunDir:
 
     def init(self, i: int) -> Path:
         return self.iteration(i) / "init"
+
+    def lerp(self, i: int) -> Path:
+        """The LERP of iteration i's policies, merged offline by `warp-rlhf study` to compare with its SLERP."""
+        return self.iteration(i) / "lerp"
 
     def samples(self, i: int, m: int, first: int, last: int) -> Path:
         return self.root / "samples" / f"iter-{i}" / f"run-{m}" / f"steps-{first:06d}-{last:06d}.parquet"
