@@ -244,11 +244,19 @@ def plot_pareto(table: pa.Table, path: Path) -> None:
                    zorder=3)  # fmt: skip
         for r in chosen:
             ax.annotate(r["model"], (r["kl"], r["reward"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    save_kl_reward_plot(fig, ax, "WARP: KL–reward front", path)
+
+
+def save_kl_reward_plot(fig: Any, ax: Any, title: str, path: Path, fontsize: int = 8) -> None:
+    """Label the KL–reward plane, add the legend, and write the figure to ``path`` atomically."""
+    import matplotlib.pyplot as plt
+
     ax.set_xlabel("KL(π ‖ π_sft)  (nats per completion)")
     ax.set_ylabel("mean reward (held-out prompts)")
-    ax.set_title("WARP: KL–reward front")
+    ax.set_title(title, fontsize=fontsize + 2)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=fontsize)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)

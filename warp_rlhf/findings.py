@@ -215,14 +215,14 @@ def liti(rows: list[Row]) -> Finding:
     front_claim = Claim("reward of the LITI family (0 < η′ < 1) − the early-stopping front at equal KL")
     faster = Claim("share of θ_slerp's reward gain kept − share of its KL kept, mean over 0 < η′ < 1")
     shown, lines = [], []
-    for arm in arms(rows, lambda r: r["kind"] == "liti"):
+    for arm in arms(rows, lambda r: r["kind"] == "liti" and 0 < r["eta"] < 1):
         if not pick(rows, arm=arm, kind="policy", iteration=1):
             continue
         for seed_rows in by_seed(pick(rows, arm=arm)).values():
             family = [r for r in pick(seed_rows, kind="liti") if 0 < r["eta"] < 1]
             sft, end = pick(seed_rows, kind="sft")[0], _eta(seed_rows, 1.0)
             front_claim.add(*front_gap(family, [sft, *pick(seed_rows, kind="policy", iteration=1)]))
-            if end is not None and end["reward"] > sft["reward"] and end["kl"] > 0:
+            if family and end is not None and end["reward"] > sft["reward"] and end["kl"] > 0:
                 shares = [(r["reward"] - sft["reward"]) / (end["reward"] - sft["reward"]) - r["kl"] / end["kl"]
                           for r in family]  # fmt: skip
                 faster.add(float(np.mean(shares)), 0.0)
@@ -264,8 +264,9 @@ def rloo(rows: list[Row]) -> Finding:
     warp = arms(rows, lambda r: r["anchor"] == "ema" and r["runs"] >= 2)
     classic = arms(rows, lambda r: r["anchor"] == "sft" and r["runs"] == 1 and r["iterations"] == 1)
     note = ""
-    if warp and classic:
-        a, b = warp[0], classic[0]
+    if warp and classic:  # the first WARP arm, against a classic arm at its β if there is one
+        a = warp[0]
+        b = next((c for c in classic if pick(rows, arm=c)[0]["beta"] == pick(rows, arm=a)[0]["beta"]), classic[0])
         for seed in by_seed(rows):
             mine, theirs = pick(rows, arm=a, seed=seed), pick(rows, arm=b, seed=seed)
             models = [r for r in mine if r["kind"] in ("slerp", "init", "liti") and not r["eta"] > 1]
@@ -284,9 +285,10 @@ def rloo(rows: list[Row]) -> Finding:
         shown += sorted(merged, key=lambda r: r["model"]) + family + trajectory
         lines += [(f"{a}: LITI family", "-", family), (f"{b}: classic RLOO, every snapshot", "--", trajectory),
                   (f"{a}: θ_slerp, θ_init", "", sorted(merged, key=lambda r: r["model"]))]  # fmt: skip
+    named = [line[0] for line in lines[-1:]]  # θ_slerp and θ_init of each iteration
     return Finding("rloo", "5. WARP against classic RLOO at the same number of generated samples",
                    "(the question users ask first) WARP's KL–reward front lies above classic RLHF's",
-                   [front_claim, equal], shown, lambda ax: _lines(ax, lines, [line[0] for line in lines[-1:]]), note)  # fmt: skip
+                   [front_claim, equal], shown, lambda ax: _lines(ax, lines, named), note)  # fmt: skip
 
 
 FINDINGS = (anchor, merge, liti, iterations, rloo)
@@ -334,20 +336,12 @@ def plot(finding: Finding, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from warp_rlhf.evaluate import save_kl_reward_plot
+
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     if finding.draw is not None:
         finding.draw(ax)
-    ax.set_xlabel("KL(π ‖ π_sft)  (nats per completion)")
-    ax.set_ylabel("mean reward (held-out prompts)")
-    ax.set_title(finding.title, fontsize=10)
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_kl_reward_plot(fig, ax, finding.title, path, fontsize=7)
 
 
 def table_markdown(rows: list[Row]) -> str:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -127,6 +128,7 @@ def _check_overrides(key: str, overrides: Any) -> None:
 
 def members(spec: Spec, extra: tuple[str, ...] = ()) -> list[Member]:
     """Every (arm, seed), seed by seed so that a partial study has every arm of its first seeds; all checked."""
+    _check_overrides("the command line's overrides", list(extra))
     found = []
     for seed in spec.seeds:
         for arm, overrides in spec.arms.items():
@@ -200,18 +202,19 @@ def run_study(spec: Spec, extra: tuple[str, ...] = (), command: str = "") -> Pat
     spec.dir.mkdir(parents=True, exist_ok=True)
     write_atomic(spec.dir / "spec.yaml", yaml.safe_dump(_spec_record(spec, extra), sort_keys=False))
     times = Times(spec.dir / "times.json")
-    for n, member in enumerate(found, start=1):
-        cfg, out = member.cfg, member.out
-        log.info("study: %s (%d of %d)", member.key, n, len(found))
-        if out.completed_iterations() < cfg.warp.iterations:
-            with times.phase(member.key, "train_s"):
-                train(cfg, resume=True)
-        if cfg.warp.runs >= 2:
-            with times.phase(member.key, "merge_s"):
-                lerp_merges(out, cfg)
-        if not evaluated(out):
-            with times.phase(member.key, "eval_s"):
-                evaluate(out.root)
+    with times.phase(WHOLE, "wall_s"):
+        for n, member in enumerate(found, start=1):
+            cfg, out = member.cfg, member.out
+            log.info("study: %s (%d of %d)", member.key, n, len(found))
+            if out.completed_iterations() < cfg.warp.iterations:
+                with times.phase(member.key, "train_s"):
+                    train(cfg, resume=True)
+            if cfg.warp.runs >= 2:
+                with times.phase(member.key, "merge_s"):
+                    lerp_merges(out, cfg)
+            if not evaluated(out):
+                with times.phase(member.key, "eval_s"):
+                    evaluate(out.root)
     table = gather(found)
     write_parquet_atomic(spec.dir / "study.parquet", table)
     write_report(table.to_pylist(), spec, found, times.load(), time.perf_counter() - began, command)
@@ -279,6 +282,9 @@ def train_samples(cfg: Config, row: dict[str, Any]) -> int:
     return warp.runs * (before + steps) * batch
 
 
+WHOLE = "(study)"  # times.json's key for the study's own wall time
+
+
 class Times:
     """Seconds spent per member and phase, accumulated across invocations in times.json."""
 
@@ -307,13 +313,13 @@ def write_report(rows: list[dict[str, Any]], spec: Spec, found: list[Member], ti
     from datetime import UTC, datetime
 
     from warp_rlhf import findings
-    from warp_rlhf.hardware import cpu_info
+    from warp_rlhf.hardware import cpu_info, native_bf16_cpu
 
     decided = findings.decide_all(rows)
     (spec.dir / "findings").mkdir(exist_ok=True)
     spent: dict[str, float] = {}
-    for entry in times.values():
-        for phase, seconds in entry.items():
+    for key, entry in times.items():
+        for phase, seconds in entry.items() if key != WHOLE else ():
             spent[phase] = spent.get(phase, 0.0) + seconds
     first, cfg = rows[0], found[0].cfg
     prompts = first["samples"] // first["samples_per_prompt"]
@@ -321,11 +327,13 @@ def write_report(rows: list[dict[str, Any]], spec: Spec, found: list[Member], ti
         f"# WARP study: {spec.dir.name}",
         "",
         f"- Command: `{command or 'warp-rlhf study --spec ' + str(spec.path)}`",
-        f"- Machine: {cpu_info()[0]}; model {Path(cfg.model.path).name} in {cfg.model.dtype}; "
+        f"- Machine: {cpu_info()[0]}, {os.cpu_count()} cores, {native_bf16_cpu() or 'no native bf16 on the CPU'}; "
+        f"model {Path(cfg.model.path).name} in {cfg.model.dtype}; "
         f"written {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.",
-        f"- Wall time of this invocation: {wall_s / 60:.1f} min. Over every invocation: "
+        f"- Wall time: **{times.get(WHOLE, {}).get('wall_s', wall_s) / 60:.1f} min** over every invocation (this "
+        f"one: {wall_s / 60:.1f} min), of which "
         + ", ".join(f"{phase.removesuffix('_s')} {seconds / 60:.1f} min" for phase, seconds in sorted(spent.items()))
-        + ".",
+        + " (start-up of Ray and the actors included).",
         f"- Seeds: {', '.join(str(s) for s in spec.seeds)}. Evaluation: {prompts} held-out prompts × "
         f"{first['samples_per_prompt']} samples at temperature {first['temperature']:g}, top-k "
         f"{'off' if first['top_k'] == -1 else first['top_k']}, at most {first['max_new_tokens']} new tokens; "

@@ -61,19 +61,19 @@ def test_liti_family_is_exact_at_0_and_1_and_extrapolates_past_1() -> None:
         torch.testing.assert_close(liti_family(sft, slerp, 1.5)[name], expected, rtol=1e-6, atol=1e-6)
 
 
-def test_only_the_ends_of_the_liti_family_reuse_another_models_samples(tmp_path: Path) -> None:
+def test_only_the_ends_of_the_liti_family_reuse_another_models_samples_and_a_lerp_is_evaluated(tmp_path: Path) -> None:
     from warp_rlhf.evaluate import candidates
     from warp_rlhf.outputs import RunDir
 
     for i in (1, 2):
-        for kind in ("slerp", "init"):
+        for kind in ("slerp", "init", "lerp") if i == 1 else ("slerp", "init"):  # a study merged iteration 1's LERP
             (tmp_path / f"iter-{i}" / kind).mkdir(parents=True)
             for name in ("config.json", "model.safetensors"):
                 (tmp_path / f"iter-{i}" / kind / name).write_bytes(b"")
     cfg = config_from_dict({"model": {"path": str(tmp_path / "sft")}, "warp": {"iterations": 2, "steps": 1},
                             "eval": {"etas": [0.0, 0.5, 1.0, 1.5]}})  # fmt: skip
     found = {c.label: c.same_as for c in candidates(RunDir(tmp_path), cfg)}
-    assert found == {"sft": None, "iter-1/slerp": None, "iter-1/init": None, "iter-2/slerp": None,
+    assert found == {"sft": None, "iter-1/slerp": None, "iter-1/init": None, "iter-1/lerp": None, "iter-2/slerp": None,
                      "iter-2/init": None, "liti η'=0": "sft", "liti η'=0.5": None, "liti η'=1": "iter-2/slerp",
                      "liti η'=1.5": None}  # fmt: skip
 
