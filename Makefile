@@ -19,7 +19,7 @@ STAMP := $(VENV)/.installed-$(EXTRA)
 export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0
 OPS_STAMP := $(VENV)/.ops-built-$(EXTRA)
 
-.PHONY: install test test-fast lint format demo bench bench-peer clean
+.PHONY: install test test-fast lint format demo study bench bench-peer clean
 
 install: $(STAMP) $(OPS_STAMP)
 
@@ -55,6 +55,11 @@ DEMO_DIR ?= runs/demo
 demo: install
 	$(PY) -m warp_rlhf train --config configs/demo.yaml --resume output.dir=$(DEMO_DIR)
 	$(PY) -m warp_rlhf eval --run $(DEMO_DIR)
+
+# The paper's findings and WARP against classic RLOO on this machine (studies/paper.yaml; resumable, so run it again
+# after an interruption). Writes runs/studies/paper/{study.parquet,report.md,findings/}.
+study: install
+	$(PY) -m warp_rlhf study --spec studies/paper.yaml
 
 bench: install
 	$(PY) bench/warp_step.py

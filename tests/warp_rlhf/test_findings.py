@@ -72,10 +72,18 @@ def test_one_seed_decides_on_the_rows_own_standard_errors() -> None:
 
 
 def test_a_claim_is_inconclusive_within_two_standard_errors_and_follows_the_papers_sign() -> None:
-    noisy = Claim("noisy", gaps=[0.01, -0.005, 0.012], mc_se=[0.0] * 3)
+    noisy = Claim("noisy")
+    for seed, gap in enumerate((0.01, -0.005, 0.012)):
+        noisy.add(seed, gap, 0.0)
     assert noisy.decide()[0] == "inconclusive at this scale"
-    lower = Claim("lower is the paper's direction", sign=-1, gaps=[-0.2, -0.21], mc_se=[0.01, 0.01])
+    lower = Claim("lower is the paper's direction", sign=-1)
+    for seed, gap in enumerate((-0.2, -0.21)):
+        lower.add(seed, gap, 0.01)
     assert lower.decide()[0] == "reproduced"
+    twice = Claim("one seed measured twice (two iterations) is one seed, its gaps averaged")
+    twice.add(0, 0.1, 0.03)
+    twice.add(0, 0.3, 0.04)
+    assert twice.decide()[1:] == (pytest.approx(0.2), pytest.approx(0.025)) and len(twice.measured) == 1
     assert Claim("nothing").decide()[0] == "not measured"
 
 
