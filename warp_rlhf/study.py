@@ -209,9 +209,9 @@ def run_study(spec: Spec, extra: tuple[str, ...] = (), command: str = "") -> Pat
             if out.completed_iterations() < cfg.warp.iterations:
                 with times.phase(member.key, "train_s"):
                     train(cfg, resume=True)
-            if cfg.warp.runs >= 2:
+            if cfg.warp.runs >= 2 and (missing := missing_lerps(out)):  # timed only when there is work
                 with times.phase(member.key, "merge_s"):
-                    lerp_merges(out, cfg)
+                    lerp_merges(out, cfg, missing)
             if not evaluated(out):
                 with times.phase(member.key, "eval_s"):
                     evaluate(out.root)
@@ -226,15 +226,19 @@ def _spec_record(spec: Spec, extra: tuple[str, ...]) -> dict[str, Any]:
             "overrides": [*spec.overrides, *extra], "arms": {a: list(o) for a, o in spec.arms.items()}}  # fmt: skip
 
 
-def lerp_merges(out: RunDir, cfg: Config) -> None:
-    """Iteration i's LERP of the same M policies SLERP merged (uniform task-vector average), if not there yet."""
+def missing_lerps(out: RunDir) -> list[int]:
+    """The completed iterations whose offline LERP is not there yet."""
+    return [i for i in range(1, out.completed_iterations() + 1) if not is_complete_checkpoint(out.lerp(i))]
+
+
+def lerp_merges(out: RunDir, cfg: Config, iterations: list[int]) -> None:
+    """Each iteration's LERP of the same M policies SLERP merged (the uniform task-vector average)."""
     from merger.streaming import merge_checkpoints
 
-    for i in range(1, out.completed_iterations() + 1):
-        if not is_complete_checkpoint(out.lerp(i)):
-            init = out.init(i - 1) if i > 1 else Path(cfg.model.path)
-            policies = [out.policy(i, m) for m in range(1, cfg.warp.runs + 1)]
-            merge_checkpoints(init, policies, out.lerp(i), method="lerp", overwrite=True)
+    for i in iterations:
+        init = out.init(i - 1) if i > 1 else Path(cfg.model.path)
+        policies = [out.policy(i, m) for m in range(1, cfg.warp.runs + 1)]
+        merge_checkpoints(init, policies, out.lerp(i), method="lerp", overwrite=True)
 
 
 def evaluated(out: RunDir) -> bool:
