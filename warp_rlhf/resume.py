@@ -40,6 +40,12 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     return [f"{k} ({a.get(k)!r} → {b.get(k)!r})" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
+def check_holds_no_foreign_files(out: RunDir) -> None:
+    """A run directory that holds no run yet must be absent or empty: a run never writes among other files."""
+    if not out.config.is_file() and out.root.exists() and any(out.root.iterdir()):
+        raise ResumeError(f"output.dir {str(out.root)!r} exists, is not empty and holds no run")
+
+
 def prepare_run_dir(out: RunDir, cfg: Config, resume: bool, force: bool) -> int:
     """Create or check the output directory; returns the number of completed iterations."""
     started = out.config.is_file()
@@ -49,8 +55,7 @@ def prepare_run_dir(out: RunDir, cfg: Config, resume: bool, force: bool) -> int:
             "or set output.dir to a new directory"
         )
     if not started:
-        if out.root.exists() and any(out.root.iterdir()):
-            raise ResumeError(f"output.dir {str(out.root)!r} exists, is not empty and holds no run")
+        check_holds_no_foreign_files(out)
         out.root.mkdir(parents=True, exist_ok=True)
         write_atomic(out.config, dump_config(cfg))
         if resume:

@@ -167,7 +167,7 @@ def check_inputs(found: list[Member]) -> list[Member]:
     from warp_rlhf.data import load_prompts
     from warp_rlhf.hardware import resolve_dtype
     from warp_rlhf.models import check_model_matches, resolve_model
-    from warp_rlhf.resume import ResumeError, config_differences, recorded_dtype, resolved
+    from warp_rlhf.resume import ResumeError, check_holds_no_foreign_files, config_differences, recorded_dtype, resolved
 
     checked, models, prompts = [], {}, set()
     for member in found:
@@ -186,8 +186,7 @@ def check_inputs(found: list[Member]) -> list[Member]:
             if differences := config_differences(saved, cfg.to_dict()):
                 raise ResumeError(f"arm {member.arm!r}, seed {member.seed}: {str(member.out.root)!r} holds a run "
                                   f"with another config: {'; '.join(differences)}")  # fmt: skip
-        elif member.out.root.exists() and any(member.out.root.iterdir()):
-            raise ResumeError(f"{str(member.out.root)!r} exists, is not empty and holds no run")
+        check_holds_no_foreign_files(member.out)
         checked.append(replace(member, cfg=cfg))
     return checked
 
@@ -212,7 +211,7 @@ def run_study(spec: Spec, extra: tuple[str, ...] = (), command: str = "") -> Pat
             if cfg.warp.runs >= 2 and (missing := missing_lerps(out)):  # timed only when there is work
                 with times.phase(member.key, "merge_s"):
                     lerp_merges(out, cfg, missing)
-            if not evaluated(out):
+            if not evaluated(out, cfg):
                 with times.phase(member.key, "eval_s"):
                     evaluate(out.root)
     table = gather(found)
@@ -241,7 +240,7 @@ def lerp_merges(out: RunDir, cfg: Config, iterations: list[int]) -> None:
         merge_checkpoints(init, policies, out.lerp(i), method="lerp", overwrite=True)
 
 
-def evaluated(out: RunDir) -> bool:
+def evaluated(out: RunDir, cfg: Config) -> bool:
     """Whether pareto.parquet holds exactly the run's models, measured with its configured sampler."""
     import pyarrow.parquet as pq
 
@@ -250,7 +249,6 @@ def evaluated(out: RunDir) -> bool:
     path = out.root / "pareto.parquet"
     if not path.is_file():
         return False
-    cfg = load_config(out.config)
     rows = pq.read_table(path).to_pylist()
     sampler = eval_sampler(cfg).__dict__
     same = all(all(row.get(k) == v for k, v in sampler.items()) for row in rows)
