@@ -120,18 +120,23 @@ def full_parameters(module: torch.nn.Module, modify: bool = False) -> Iterator[t
             yield name, param.data
 
 
-def master_parameters(module: torch.nn.Module, optimizer: Any) -> Iterator[tuple[str, torch.Tensor]]:
+def master_parameters(
+    module: torch.nn.Module, optimizer: Any, trainable_only: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, full fp32 master weight) pairs from DeepSpeed's optimizer, whatever the ZeRO stage.
 
     DeepSpeed keeps the fp32 copy of a bf16 model partitioned (ZeRO 1-3, where ``safe_get_full_fp32_param``
     assembles one parameter at a time, collectively: every rank must iterate to the end) or, without
     ZeRO, flat per parameter group in its FP16_Optimizer (also used for bf16). A bf16 parameter with no
-    master copy anywhere is an error, never a silent bf16 "master".
+    master copy anywhere is an error, never a silent bf16 "master". ``trainable_only``: only the
+    parameters the optimizer updates (a LoRA adapter; its frozen base has no master).
     """
     from deepspeed.utils import safe_get_full_fp32_param
 
     flat = _flat_masters(optimizer)
     for name, param in module.named_parameters():
+        if trainable_only and not param.requires_grad:
+            continue
         master = safe_get_full_fp32_param(param)
         if master is None:
             master = flat.get(id(param))

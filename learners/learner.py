@@ -15,12 +15,14 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from actors.rollout import to_tensors
+from learners import lora
 from learners.anchor import EmaAnchor, PartitionedAnchor
 from learners.batching import pack_micro_batches
 from learners.distributed import (
@@ -99,16 +101,24 @@ class LearnerRank:
 
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
         self.pad_id = int(model.config.pad_token_id or 0)  # any id works: padding is masked out
+        self.seed, self.lora = seed, cfg.lora.enabled
+        if self.lora:  # only the adapter trains; the anchor is an adapter on the same frozen base
+            model, anchor_model = lora.wrap(model, cfg.lora), None
+        else:
+            anchor_model = copy.deepcopy(model)  # before DeepSpeed partitions (ZeRO-3) or moves the policy
         ds_config = deepspeed_config(cfg, dtype, world_size)
-        anchor_model = copy.deepcopy(model)  # before DeepSpeed partitions (ZeRO-3) or moves the policy
         self.engine, *_ = deepspeed.initialize(
             model=model.to(self.device),
-            optimizer=make_optimizer(model.parameters(), cfg),
+            optimizer=make_optimizer([p for p in model.parameters() if p.requires_grad], cfg),
             lr_scheduler=lambda opt: make_schedule(opt, cfg.warmup_steps),
             config=ds_config,
         )
-        if cfg.zero_stage == 3:  # 1/R of θ_ema per rank, partitioned exactly like the policy
-            self.anchor: EmaAnchor | PartitionedAnchor = PartitionedAnchor(anchor_model.to(self.device), mu, ds_config)
+        if self.lora:
+            self.anchor: EmaAnchor | PartitionedAnchor | lora.AdapterAnchor = lora.AdapterAnchor(
+                self.engine.module, mu, fixed=anchor == "sft"
+            )
+        elif cfg.zero_stage == 3:  # 1/R of θ_ema per rank, partitioned exactly like the policy
+            self.anchor = PartitionedAnchor(anchor_model.to(self.device), mu, ds_config)
         else:
             anchor_device = torch.device("cpu") if cfg.anchor_on_cpu else self.device
             self.anchor = EmaAnchor(anchor_model, mu, anchor_device)
@@ -303,16 +313,24 @@ class LearnerRank:
 
         module = self.engine.module
         copy_out = zero3(module) or self.device.type != "cpu"  # gathered/GPU tensors do not outlive the loop
-        if master and self.dtype != "float32":
-            pairs = master_parameters(module, self.engine.optimizer)
-        else:
-            pairs = full_parameters(module)
+        pairs = self._policy(master)
         if self.rank != 0:
             for _ in pairs:
                 pass
             return None
         named = ((name, t.detach().to("cpu", copy=True) if copy_out else t.detach()) for name, t in pairs)
         return flatten(named, version=self.version if version is None else version)
+
+    def _policy(self, master: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, full tensor) of the policy: in model dtype, or with ``master`` in fp32 from the optimizer's
+        master weights. A LoRA policy is merged, W_init + s·B·A, its sum formed in fp32."""
+        import torch
+
+        module, wide = self.engine.module, master and self.dtype != "float32"
+        if self.lora:
+            factors = dict(master_parameters(module, self.engine.optimizer, trainable_only=True)) if wide else None
+            return lora.merged_parameters(module, factors, torch.float32 if master else None)
+        return master_parameters(module, self.engine.optimizer) if wide else full_parameters(module)
 
     def open_weight_sender(
         self, host: str, world_size: int, backend: str, bucket_bytes: int, timeout_s: float
@@ -326,7 +344,7 @@ class LearnerRank:
 
     def broadcast_weights(self) -> int:
         """Stream the current weights to the engines (every rank calls it; rank 0 sends). Bytes sent."""
-        return self.broadcaster.send(self.engine.module)
+        return self.broadcaster.send(self._policy())
 
     def weight_sender_info(self) -> dict[str, Any]:
         return self.broadcaster.info()
@@ -339,16 +357,23 @@ class LearnerRank:
         a fresh optimizer, and a run without warm-up would take its first steps at full lr with empty
         moments.
         """
-        state = self._matching(weights.state_dict())
         import torch
 
-        with torch.no_grad():
-            for name, param in full_parameters(self.engine.module, modify=True):
-                param.copy_(state[name])
-        if hasattr(self.engine.optimizer, "refresh_fp32_params"):
-            self.engine.optimizer.refresh_fp32_params()  # the fp32 master copy follows the new weights
+        if self.lora:  # the frozen base ← θ_init, a fresh adapter: B = 0, so the policy is θ_init exactly
+            lora.load_base(self.engine.module, weights.state_dict())
+            # A's random init from (seed, version): the same on every rank, and on a re-run.
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + weights.version)
+            lora.reset_adapter(self.engine.module, generator)
+        else:
+            state = self._matching(weights.state_dict())
+            with torch.no_grad():
+                for name, param in full_parameters(self.engine.module, modify=True):
+                    param.copy_(state[name])
         self._reset_optimizer()
-        self.anchor.reset(state.items() if anchor is None else self._matching(anchor.state_dict()).items())
+        if self.lora:  # an EMA of the fresh factors; with anchor = sft the base itself (first iteration only)
+            self.anchor.reset()
+        else:
+            self.anchor.reset(state.items() if anchor is None else self._matching(anchor.state_dict()).items())
         self.updates = 0
         self.version = weights.version
 
@@ -361,6 +386,9 @@ class LearnerRank:
 
     def _reset_optimizer(self) -> None:
         import torch
+
+        if hasattr(self.engine.optimizer, "refresh_fp32_params"):
+            self.engine.optimizer.refresh_fp32_params()  # the fp32 master copy follows the new weights
 
         for moments in self.engine.basic_optimizer.state.values():
             for value in moments.values():

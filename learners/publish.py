@@ -10,9 +10,10 @@ Imports torch lazily; never Ray or vLLM.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from learners.distributed import full_parameters
+from learners.lora import hf_name, is_adapter
 from merger.flat import TensorSpec, allocate
 
 if TYPE_CHECKING:
@@ -22,9 +23,16 @@ if TYPE_CHECKING:
 
 
 def param_specs(module: torch.nn.Module) -> tuple[TensorSpec, ...]:
-    """Full-tensor specs (HF names, model dtype, full shapes even under ZeRO-3) in parameter order."""
+    """Full-tensor specs (HF names, model dtype, full shapes even under ZeRO-3) in parameter order.
+
+    A LoRA policy is sent merged (:func:`learners.lora.merged_parameters`): its frozen weights' specs under
+    their HF names, the adapter factors left out.
+    """
     entries = []
-    for name, param in module.named_parameters():
+    for peft_name, param in module.named_parameters():
+        if is_adapter(peft_name):
+            continue
+        name = hf_name(peft_name)
         shape = tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3 keeps the full shape aside
         numel = 1
         for size in shape:
@@ -59,9 +67,9 @@ class Broadcaster:
             raise RuntimeError("connect before open")
         self.sender.connect()
 
-    def send(self, module: torch.nn.Module) -> int:
-        """Every rank calls it (ZeRO-3 gathers are collective); rank 0 broadcasts, returns bytes sent."""
-        pairs = full_parameters(module)
+    def send(self, pairs: Iterator[tuple[str, torch.Tensor]]) -> int:
+        """Every rank calls it with the policy's (HF name, full tensor) pairs, in ``param_specs`` order
+        (ZeRO-3 gathers are collective); rank 0 broadcasts, returns bytes sent."""
         if self.rank != 0:
             for _ in pairs:
                 pass

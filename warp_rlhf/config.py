@@ -123,6 +123,42 @@ class ActorsConfig(_Section):
         _require(self.drift_warn > 0, k("drift_warn"), self.drift_warn, "> 0")
 
 
+LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraConfig(_Section):
+    section: ClassVar[str] = "learners.lora"
+
+    rank: int = 0
+    """r of every adapter; 0 trains the full model (no LoRA)."""
+    alpha: float = 16.0
+    """LoRA α: the adapter adds (α / r)·B·A to each target matrix."""
+    target_modules: tuple[str, ...] = LLAMA_LINEAR
+    """Names of the linear layers that get an adapter (default: every linear layer of a Llama block)."""
+    dropout: float = 0.0
+    """Must be 0: dropout would make the learner's log-probabilities differ from the sampler's."""
+
+    def __post_init__(self) -> None:
+        k = self._key
+        _require(self.rank >= 0, k("rank"), self.rank, ">= 0 (0: full fine-tuning)")
+        _require(self.alpha > 0, k("alpha"), self.alpha, "> 0")
+        names = self.target_modules
+        _require(bool(names) and all(n and "." not in n for n in names), k("target_modules"), list(names),
+                 "a non-empty list of linear layer names, e.g. [q_proj, v_proj]")  # fmt: skip
+        _require(self.dropout == 0.0, k("dropout"), self.dropout,
+                 "0 (REINFORCE needs the log-probabilities of the sampled tokens; dropout changes them)")  # fmt: skip
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The target modules when LoRA is on, else none."""
+        return self.target_modules if self.enabled else ()
+
+
 @dataclass(frozen=True)
 class LearnersConfig(_Section):
     section: ClassVar[str] = "learners"
@@ -153,6 +189,8 @@ class LearnersConfig(_Section):
     """Keep the EMA anchor in CPU memory (large models on GPU; ZeRO 0-2: under ZeRO-3 the anchor is partitioned)."""
     zero3_persistence_threshold: int = 100_000
     """ZeRO-3: parameters with fewer elements stay whole on every rank (DeepSpeed's default); 0 partitions all."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Train a LoRA adapter (peft) on the frozen θ_init instead of the full model: `learners.lora.rank` > 0."""
 
     def __post_init__(self) -> None:
         k = self._key
@@ -178,6 +216,11 @@ class LearnersConfig(_Section):
             self.anchor_on_cpu,
             "false when learners.zero_stage = 3 (the ZeRO-3 anchor is partitioned like the policy, 1/R per rank)",
         )
+        if self.lora.enabled:
+            _require(self.zero_stage <= 2, k("zero_stage"), self.zero_stage,
+                     "0, 1 or 2 with learners.lora (the adapter is tiny; ZeRO-3 partitions the base)")  # fmt: skip
+            _require(not self.anchor_on_cpu, k("anchor_on_cpu"), self.anchor_on_cpu,
+                     "false with learners.lora (the anchor is an adapter on the policy's own base)")  # fmt: skip
         _require(
             self.zero3_persistence_threshold >= 0,
             k("zero3_persistence_threshold"),
@@ -398,6 +441,10 @@ class Config:
                 self.actors.samples_per_prompt,
                 ">= 2 when learners.baseline = rloo (leave-one-out needs two samples per prompt)",
             )
+        if self.learners.lora.enabled and self.warp.anchor == "sft":
+            _require(self.warp.iterations == 1, "warp.iterations", self.warp.iterations,
+                     "1 with learners.lora and warp.anchor = sft (the adapter's base is θ_init, which is θ_sft "
+                     "only in the first iteration)")  # fmt: skip
         if self.warp.runs > 2:
             _require(self.warp.lam == 0.5, "warp.lam", self.warp.lam, "0.5 when warp.runs > 2 (λ = 1/k is used)")
 

@@ -296,7 +296,8 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
     load_prompts(cfg.data.eval, cfg.data.prompt_column, "eval")
     with startup.phase("θ_sft", announce=False):  # converted once per machine for the packaged model
         sft_dir = resolve_model(cfg.model.path, cfg.model.dtype)
-        check_model_matches(sft_dir, cfg.model.dtype)  # dtype, architecture, tokenizer: before any work
+        # dtype, architecture, tokenizer, LoRA targets: before any work
+        check_model_matches(sft_dir, cfg.model.dtype, cfg.learners.lora.targets)
     cfg = resolved(cfg, sft_dir)
     done = prepare_run_dir(out, cfg, resume=resume, force=force)
     report_merge_failure(out)

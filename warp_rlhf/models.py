@@ -54,8 +54,9 @@ def resolve_model(spec: str, dtype: str = "bfloat16") -> Path:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
-def check_model_matches(path: Path, dtype: str) -> None:
-    """θ_sft against the config, before any work: its weights' dtype, a causal-LM architecture, a tokenizer.
+def check_model_matches(path: Path, dtype: str, lora_targets: tuple[str, ...] = ()) -> None:
+    """θ_sft against the config, before any work: its weights' dtype, a causal-LM architecture, a tokenizer,
+    and a linear layer (a 2-D ``*.<name>.weight``) for every LoRA target module name.
 
     A checkpoint stored in another dtype than ``model.dtype`` would train a whole iteration and then
     fail at the merge (and again on every resume), so it is refused here with the fix in the message.
@@ -72,7 +73,13 @@ def check_model_matches(path: Path, dtype: str) -> None:
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise ModelError(f"model {str(path)!r} has no tokenizer ({' or '.join(TOKENIZER_FILES)})")
     with Checkpoint(path) as checkpoint:
-        stored = {d for d, _ in checkpoint.layout.values()}
+        layout = checkpoint.layout
+    stored = {d for d, _ in layout.values()}
+    for target in lora_targets:
+        if not any(name.endswith(f".{target}.weight") and len(shape) == 2 for name, (_, shape) in layout.items()):
+            linear = sorted({name.split(".")[-2] for name, (_, shape) in layout.items() if len(shape) == 2})
+            raise ModelError(f"learners.lora.target_modules: model {str(path)!r} has no linear layer named "
+                             f"{target!r}; its 2-D weights are named {', '.join(linear)}")  # fmt: skip
     if stored != {dtype}:
         raise ModelError(
             f"model {str(path)!r} stores weights in {', '.join(sorted(stored))} but model.dtype = {dtype}: "

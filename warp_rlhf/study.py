@@ -179,7 +179,7 @@ def check_inputs(found: list[Member]) -> list[Member]:
         model = (cfg.model.path, cfg.model.dtype)
         if model not in models:
             models[model] = resolve_model(*model)
-            check_model_matches(models[model], cfg.model.dtype)
+        check_model_matches(models[model], cfg.model.dtype, cfg.learners.lora.targets)  # headers only: cheap
         cfg = resolved(cfg, models[model])
         if member.out.config.is_file():
             saved = yaml.safe_load(member.out.config.read_text()) or {}

@@ -1,0 +1,215 @@
+"""LoRA learners: a peft adapter on the frozen θ_init, the policy's full weights from it, and its EMA anchor.
+
+A run with ``learners.lora.rank`` > 0 trains only the adapter: each target linear layer's weight is
+W = W_init + s·B·A with s = α / r, A (r, in) and B (out, r); B starts at zero, so every run of every
+iteration starts exactly at θ_init. The rest of the system sees full weights with HF names, as for full
+fine-tuning: :func:`merged_parameters` forms W per target matrix (engines sample with it, the merger
+takes the task vector δ = s·B·A from it, `save_hf` writes it).
+
+The anchor is θ_init plus an EMA *of the factors*: Ā ← (1 − μ)Ā + μA and B̄ likewise, scored as
+W_init + s·B̄·Ā. That is not θ_init + EMA(s·B·A), the EMA of the products: the two differ by the
+factors' co-movement (Σ_t w_t (B_t − B̄)(A_t − Ā)), second order in the steps' size. We keep the
+factors because the anchor is then one more adapter on the policy's own frozen base: no second copy
+of the model, and the anchor's forward is the policy's with other factors swapped in. EMA(B·A) would
+need a dense fp32 matrix per target, the memory LoRA is chosen to save. ``tests/learners/test_lora.py``
+checks the rule and how far apart the two are.
+
+Imports torch and peft lazily; never Ray, vLLM or DeepSpeed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from warp_rlhf.config import LoraConfig
+
+ADAPTER = "default"  # peft's name for a model's single adapter
+_PREFIX = "base_model.model."  # what peft puts before every HF parameter name
+
+
+def wrap(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
+    """The HF causal LM with a fresh adapter on ``cfg.target_modules``; only the adapter is trainable."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_cfg = PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target_modules),
+                              lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")  # fmt: skip
+    wrapped = get_peft_model(model, peft_cfg)
+    bad = [name for name, layer in lora_layers(wrapped).items() if ADAPTER not in layer.lora_A]
+    if bad:  # an embedding or convolution target keeps its factors elsewhere
+        raise ValueError(f"learners.lora.target_modules: {bad[0]!r} is not a linear layer")
+    return wrapped
+
+
+def is_adapter(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def hf_name(name: str) -> str:
+    """peft's parameter name → the HF checkpoint's (``…q_proj.base_layer.weight`` → ``…q_proj.weight``)."""
+    return name.removeprefix(_PREFIX).replace(".base_layer.", ".")
+
+
+def lora_layers(model: torch.nn.Module) -> dict[str, Any]:
+    from peft.tuners.lora import LoraLayer
+
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+
+
+def adapter_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """(peft name, parameter) of every A and B factor, in the model's order."""
+    return ((name, p) for name, p in model.named_parameters() if is_adapter(name))
+
+
+def merged_parameters(
+    model: torch.nn.Module, factors: Mapping[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, full weight) of the policy: W_init + s·B·A for targets, the frozen weight elsewhere.
+
+    ``factors`` (peft name → tensor) replace the module's own A and B (the optimizer's fp32 masters of
+    a bf16 model); ``dtype`` is the dtype of every weight yielded (default: the base weights'). The sum is
+    formed in fp32; untouched weights in their own dtype are yielded as they are (zero-copy).
+    """
+    import torch
+
+    layers = lora_layers(model)
+    for name, param in model.named_parameters():
+        if is_adapter(name):
+            continue
+        if not name.endswith(".base_layer.weight"):
+            yield hf_name(name), param.data if dtype is None else param.data.to(dtype)
+            continue
+        layer_name = name.removesuffix(".base_layer.weight")
+        layer = layers[layer_name]
+        a_name, b_name = f"{layer_name}.lora_A.{ADAPTER}.weight", f"{layer_name}.lora_B.{ADAPTER}.weight"
+        a = factors[a_name] if factors is not None else layer.lora_A[ADAPTER].weight.data
+        b = factors[b_name] if factors is not None else layer.lora_B[ADAPTER].weight.data
+        merged = torch.addmm(param.data.float(), b.float(), a.float(), alpha=layer.scaling[ADAPTER])
+        yield hf_name(name), merged.to(dtype or param.dtype)
+
+
+def load_base(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Frozen weights ← ``state`` (HF names, every one of them); the adapter is left as it is."""
+    import torch
+
+    own = {hf_name(name): p for name, p in model.named_parameters() if not is_adapter(name)}
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or extra:
+        raise KeyError(f"load_init: weights do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    with torch.no_grad():
+        for name, param in own.items():
+            param.copy_(state[name])
+
+
+def reset_adapter(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """A ← peft's default init (Kaiming-uniform, a = √5) drawn from ``generator``, B ← 0: the policy is θ_init."""
+    import math
+
+    import torch
+
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+            fresh = torch.empty(a.shape, dtype=torch.float32)
+            torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
+            a.copy_(fresh)
+            b.zero_()
+
+
+class AdapterAnchor:
+    """θ_ema = θ_init + s·B̄·Ā: fp32 EMAs of the policy's factors, swapped into the policy to score.
+
+    The interface of :class:`learners.anchor.EmaAnchor`. Every rank holds the whole (tiny) adapter:
+    ZeRO 0-2 keep parameters whole, and the update reads this rank's own copy of the factors.
+    """
+
+    partitioned = False
+
+    def __init__(self, policy: torch.nn.Module, mu: float, fixed: bool = False) -> None:
+        """``policy``: the wrapped model the learner trains; ``fixed``: the anchor is θ_init itself (no EMA)."""
+        from learners.anchor import _check_mu
+
+        _check_mu(mu)
+        self.policy, self.mu, self.fixed = policy, mu, fixed
+        self.params = dict(adapter_parameters(policy))
+        self.ema = {name: p.data.detach().float().clone() for name, p in self.params.items()}
+        self.updates = 0
+
+    def reset(self, named_tensors: Iterable[tuple[str, torch.Tensor]] | None = None) -> None:
+        """θ_ema ← θ_init: the factors as the policy holds them now (A random, B = 0), or the given ones."""
+        import torch
+
+        pairs = named_tensors if named_tensors is not None else ((n, p.data) for n, p in self.params.items())
+        with torch.no_grad():
+            seen = set()
+            for name, tensor in pairs:
+                self.ema[name].copy_(tensor)
+                seen.add(name)
+        missing = set(self.ema) - seen
+        if missing:
+            raise KeyError(f"anchor is missing {len(missing)} adapter factors, e.g. {sorted(missing)[:3]}")
+        self.updates = 0
+
+    def update(self, policy: torch.nn.Module | None = None) -> None:
+        """Ā ← (1 − μ)Ā + μA and B̄ likewise, from the policy's current factors."""
+        from learners.anchor import ema_update_
+
+        for name, param in self.params.items():
+            ema_update_(self.ema[name], param.data, self.mu)
+        self.updates += 1
+
+    @contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        """The policy module holds the anchor's factors (rounded to the model dtype) inside the block."""
+        import torch
+
+        if self.fixed:  # θ_init: the adapter switched off
+            with self.policy.disable_adapter():
+                yield
+            return
+        saved = {name: p.data.clone() for name, p in self.params.items()}
+        try:
+            with torch.no_grad():
+                for name, p in self.params.items():
+                    p.data.copy_(self.ema[name])
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in self.params.items():
+                    p.data.copy_(saved[name])
+
+    def sequence_logprobs(
+        self,
+        input_ids: torch.Tensor,  # (B, L)
+        attention_mask: torch.Tensor,  # (B, L)
+        completion_mask: torch.Tensor,  # (B, L)
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """log π_ema(y|x) (B,): the policy's forward with the anchor's factors."""
+        import torch
+
+        from learners.objective import sequence_logprobs
+
+        with torch.no_grad(), self.swapped_in():
+            return sequence_logprobs(self.policy, input_ids, attention_mask, completion_mask, temperature)
+
+    def local_bytes(self) -> int:
+        """The fp32 factor EMAs: the anchor's only memory (its base is the policy's)."""
+        from learners.anchor import held_bytes
+
+        return held_bytes(list(self.ema.values()))
+
+    def gathered(self) -> dict[str, torch.Tensor]:
+        return self.state_dict()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: t.detach().cpu() for name, t in self.ema.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], updates: int = 0) -> None:
+        self.reset(state.items())
+        self.updates = updates
