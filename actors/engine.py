@@ -14,6 +14,12 @@ produced it, and that version is only ever taken by a verified load:
   engine marks itself stale (``weights_version()`` is ``STALE``) and refuses to generate or score
   (:class:`PartialLoadError`) until a complete load succeeds.
 
+LoRA (``max_loras`` > 0): the engine serves the base (θ_init, loaded as full weights) plus one adapter
+per run, each in its own vLLM LoRA slot (``lora_int_id`` = the run's index). ``generate(run=m)`` samples
+with run m's adapter and nothing else; rows then carry the version of that adapter. A base load drops
+every adapter (they were trained on the old base): until run m's next adapter arrives, its prompts are
+sampled from the base itself, which is where a fresh adapter (B = 0) leaves the policy.
+
 Sampling with ``seed`` gives each prompt its own random stream, derived from ``(seed, group_id)``: the
 streams differ between prompts and do not depend on how prompts are split over engines or batched.
 :meth:`GenerationEngine.score` scores teacher-forced completions at a sampling temperature.
@@ -26,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -39,6 +46,7 @@ from actors.worker_extension import PartialLoadError, WeightMismatchError, weigh
 from merger.flat import FlatWeights, TensorSpec
 
 if TYPE_CHECKING:
+    from actors.adapter import AdapterWeights
     from warp_rlhf.config import ActorsConfig
 
 WORKER_EXTENSION = "actors.worker_extension.WeightReceiver"
@@ -77,7 +85,16 @@ def prompt_seed(seed: int, group_id: int) -> int:
 class GenerationEngine:
     """``GenerationEngine(model_dir, cfg, dtype, seed)``: a vLLM engine with version-tagged weights."""
 
-    def __init__(self, model_dir: str | Path, cfg: ActorsConfig, dtype: str = "bfloat16", seed: int = 0) -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        cfg: ActorsConfig,
+        dtype: str = "bfloat16",
+        seed: int = 0,
+        max_loras: int = 0,
+        max_lora_rank: int = 0,
+    ) -> None:
+        """``max_loras`` > 0: LoRA slots for that many runs' adapters, of rank up to ``max_lora_rank``."""
         # vLLM reads this when the engine is built: in-process (tests, one actor = one process) or its own
         # engine-core process (production shape). Set here so a Ray actor follows its config, not its env.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if cfg.multiprocessing else "0"
@@ -86,6 +103,15 @@ class GenerationEngine:
         from merger.checkpoint import Checkpoint
 
         self.cfg, self.model_dir, self.version = cfg, str(model_dir), 0
+        self.adapters: dict[int, tuple[Any, int]] = {}  # run → (its LoRARequest, the adapter's version)
+        self.adapter_root: str | None = None  # where adapters are written for vLLM to read
+        lora: dict[str, Any] = {}
+        if max_loras > 0:
+            from actors.adapter import vllm_max_rank
+
+            lora = dict(enable_lora=True, max_loras=max_loras, max_lora_rank=vllm_max_rank(max_lora_rank))
+            shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+            self.adapter_root = tempfile.mkdtemp(prefix="warp-lora-", dir=shm)
         self.stale: str | None = None  # why the weights are a mix of versions, after a failed load
         # What every load must match: the checkpoint vLLM itself loaded at start-up (names → shapes).
         self.expected = {name: shape for name, (_, shape) in Checkpoint(self.model_dir).layout.items()}
@@ -102,6 +128,7 @@ class GenerationEngine:
             distributed_executor_backend="ray" if cfg.num_gpus > 0 and cfg.tensor_parallel_size > 1 else None,
             logprobs_mode="raw_logprobs" if cfg.logprobs == "raw" else "processed_logprobs",
             worker_extension_cls=WORKER_EXTENSION,
+            **lora,
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.tied = bool(getattr(self.llm.llm_engine.model_config.hf_text_config, "tie_word_embeddings", False))
@@ -169,10 +196,11 @@ class GenerationEngine:
             params = [self.sampling_params(n, temperature, top_k, max_new_tokens, prompt_seed(seed, group_offset + i))
                       for i in range(len(ids))]  # fmt: skip
         requests = [TokensPrompt(prompt_token_ids=tokens) for tokens in ids]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
-        return self._to_table(texts, ids, outputs, run, iteration, step, group_offset, engine)
+        adapter, version = self.adapters.get(run, (None, self.version))
+        outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=adapter)
+        return self._to_table(texts, ids, outputs, run, iteration, step, group_offset, engine, version)
 
-    def _to_table(self, texts, ids, outputs, run, iteration, step, group_offset, engine) -> pa.Table:  # noqa: ANN001
+    def _to_table(self, texts, ids, outputs, run, iteration, step, group_offset, engine, version) -> pa.Table:  # noqa: ANN001
         columns: dict[str, list] = {f.name: [] for f in ROLLOUT_SCHEMA}
         for index, (text, prompt_ids, output) in enumerate(zip(texts, ids, outputs, strict=True)):
             for sample in output.outputs:
@@ -189,7 +217,7 @@ class GenerationEngine:
         rows = len(columns["prompt"])
         columns["reward"] = [None] * rows
         columns["run"], columns["iteration"], columns["step"] = [run] * rows, [iteration] * rows, [step] * rows
-        columns["version"] = [self.version] * rows
+        columns["version"] = [version] * rows
         columns["engine"] = [engine] * rows
         return pa.Table.from_pydict(columns, schema=ROLLOUT_SCHEMA)
 
@@ -265,11 +293,38 @@ class GenerationEngine:
         PartialLoadError when the write failed part-way (the engine is then stale).
         """
         self._check_specs(weights.specs, version)
+        self.adapters.clear()  # trained on the old base
         if self.cfg.multiprocessing:
             self._write(version, lambda: self._load_through_file(weights))
         else:
             self._write(version, lambda: self.llm.collective_rpc("warp_load_flat", args=(weights,)))
         return self.version
+
+    def load_adapter(self, adapter: AdapterWeights, run: int) -> int:
+        """Run ``run``'s adapter into its LoRA slot, replacing the previous one; later rows of the run carry
+        its version. Returns its bytes. Raises WeightMismatchError (nothing loaded) when its layers are not
+        the model's."""
+        from vllm.lora.request import LoRARequest
+
+        from actors.adapter import save_adapter
+
+        if self.adapter_root is None:
+            raise WeightMismatchError("this engine was started without LoRA slots (max_loras = 0)")
+        if run < 1:
+            raise ValueError(f"run = {run}: adapters are keyed by 1-based run index")
+        self._check_fresh("load an adapter")
+        layers = {name.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] + ".weight"
+                  for name in adapter.weights.names()}  # fmt: skip
+        unknown = sorted(layers - set(self.expected))
+        if unknown:
+            raise WeightMismatchError(f"adapter version {adapter.version} of run {run} refused: the model has no "
+                                      f"layer {unknown[0]!r} ({len(unknown)} unknown)")  # fmt: skip
+        path = save_adapter(adapter, Path(self.adapter_root) / f"run-{run}", self.model_dir)
+        request = LoRARequest(f"run-{run}", run, str(path), load_inplace=True)
+        if not self.llm.llm_engine.add_lora(request):
+            raise PartialLoadError(f"vLLM did not load adapter version {adapter.version} of run {run}")
+        self.adapters[run] = (LoRARequest(f"run-{run}", run, str(path)), adapter.version)
+        return adapter.nbytes
 
     def _check_specs(self, specs: Sequence[TensorSpec], version: int) -> None:
         problem = weight_mismatch(self.expected, specs, self.tied)
@@ -347,6 +402,8 @@ class GenerationEngine:
         if llm is None:
             return
         self.llm = None
+        if self.adapter_root is not None:
+            shutil.rmtree(self.adapter_root, ignore_errors=True)
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()

@@ -10,7 +10,9 @@ placement group that gets the latest weights before its shard is retried once; a
 :class:`PoolError`. A weight load that failed part-way leaves an engine stale (see
 :mod:`actors.engine`): the sync treats it as dead. A load refused before writing (the weights' names
 or shapes are not the model's) is the source's fault, the same on every engine: the sync raises
-PoolError naming the tensors at once, and every engine keeps serving the previous version.
+PoolError naming the tensors at once, and every engine keeps serving the previous version. With LoRA
+slots (``max_loras``), ``sync_adapter`` loads one run's adapter on every engine; replacement engines get
+the base and every run's latest adapter.
 
 Imports ray, pyarrow and numpy; vllm only inside the engine actors; never deepspeed.
 """
@@ -50,8 +52,12 @@ class ActorPool:
         seed: int = 0,
         placement_groups: Sequence[Any] | None = None,
         wait: bool = True,
+        max_loras: int = 0,
+        max_lora_rank: int = 0,
     ) -> None:
-        """Start the engines; with ``wait`` (default) return once they are built, else call :meth:`ready`."""
+        """Start the engines; with ``wait`` (default) return once they are built, else call :meth:`ready`.
+
+        ``max_loras`` > 0: every engine has that many LoRA slots, of rank up to ``max_lora_rank``."""
         import ray
 
         if placement_groups is not None and len(placement_groups) != cfg.engines_per_run:
@@ -59,6 +65,8 @@ class ActorPool:
         self.model_dir, self.cfg, self.dtype, self.seed = str(model_dir), cfg, dtype, seed
         self.placement_groups = list(placement_groups) if placement_groups is not None else None
         self._remote = ray.remote(GenerationEngine)
+        self.lora = (max_loras, max_lora_rank)
+        self._adapters: dict[int, tuple[Any, int]] = {}  # run → (ObjectRef to its latest adapter, version)
         self._restarts = 0
         self.engines = self.start_engines()
         if wait:
@@ -82,7 +90,8 @@ class ActorPool:
     def _start(self, index: int) -> Any:
         # A replacement gets a seed no engine of this pool used, so it does not replay a random stream.
         seed = self.seed + index + 1000 * self._restarts
-        return self._remote.options(**self._actor_options(index)).remote(self.model_dir, self.cfg, self.dtype, seed)
+        options = self._actor_options(index)
+        return self._remote.options(**options).remote(self.model_dir, self.cfg, self.dtype, seed, *self.lora)
 
     def _actor_options(self, index: int) -> dict[str, Any]:
         cfg = self.cfg
@@ -156,6 +165,7 @@ class ActorPool:
                 ray.get(self.engines[index].load_weights.remote(as_ref(self._source, self.version), self.version))
             else:
                 ray.get(self.engines[index].ping.remote())
+            ray.get([self.engines[index].load_adapter.remote(ref, run) for run, (ref, _) in self._adapters.items()])
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
             raise PoolError(
                 f"replacement engine {index} failed to start or to load weights version {self.version}: {_cause(exc)}"
@@ -176,6 +186,7 @@ class ActorPool:
         previous = self._source, self.version
         # Kept for replacement engines (exported to the object store only if one is needed).
         self._source, self.version = source, int(version)
+        self._adapters.clear()  # a new base: the engines drop the adapters trained on the old one
         try:
             results = self._get_each(self.transport.send(self.engines, source, version))
         except (RuntimeError, ray.exceptions.RayError) as exc:  # the sender's side of a broken broadcast
@@ -192,6 +203,28 @@ class ActorPool:
         failed = [i for i, r in enumerate(results) if isinstance(r, Exception)]
         if failed:
             self._recover_sync(failed, reload_survivors=self.cfg.weight_transport != "object_store")
+
+    def sync_adapter(self, source: Any, version: int, run: int) -> int:
+        """Load run ``run``'s adapter version ``version`` on every engine; returns its size in bytes.
+
+        ``source``: AdapterWeights, an ObjectRef to them, or a LoRA learner (it exports its adapter once,
+        into the object store). Refused (the adapter's layers are not the model's): PoolError, nothing
+        loaded anywhere. An engine that dies or fails the load is replaced (base and every adapter).
+        """
+        from actors.transport import adapter_ref
+
+        ref = adapter_ref(source, version)
+        self._adapters[run] = (ref, int(version))
+        results = self._get_each(self.transport.send_adapter(self.engines, ref, version, run))
+        refused = [i for i, r in enumerate(results) if isinstance(r, WeightMismatchError)]
+        if refused:
+            del self._adapters[run]
+            error = results[refused[0]]
+            raise PoolError(f"engines {refused} refused adapter version {version} of run {run}: {_cause(error)}")
+        failed = [i for i, r in enumerate(results) if isinstance(r, Exception)]
+        if failed:
+            self._recover_sync(failed, reload_survivors=False)
+        return max((r for r in results if not isinstance(r, Exception)), default=0)
 
     def _alive(self) -> list[bool]:
         pings = [engine.ping.remote() for engine in self.engines]

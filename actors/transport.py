@@ -12,7 +12,9 @@ One interface (:class:`WeightTransport`), two implementations chosen by ``actors
 
 What a pool syncs from is a *source*: FlatWeights, an ObjectRef to FlatWeights (θ_init from the merger,
 once per iteration: the object store is the right path for it under either transport), or a
-publisher. Imports ray lazily; never vllm or deepspeed.
+publisher. A LoRA run's step sends a second kind of message, its adapter (:mod:`actors.adapter`):
+``send_adapter``, through the object store under either transport (it is megabytes).
+Imports ray lazily; never vllm or deepspeed.
 """
 
 from __future__ import annotations
@@ -54,10 +56,28 @@ def as_ref(source: Any, version: int | None = None) -> Any:
     raise TypeError(f"cannot sync weights from a {type(source).__name__}")
 
 
+def adapter_ref(source: Any, version: int | None = None) -> Any:
+    """An ObjectRef to AdapterWeights from AdapterWeights, a reference to them, or a LoRA learner."""
+    import ray
+
+    from actors.adapter import AdapterWeights
+
+    if isinstance(source, ray.ObjectRef):
+        return source
+    if isinstance(source, AdapterWeights):
+        return ray.put(source)
+    if hasattr(source, "adapter_ref"):
+        return source.adapter_ref(version)
+    raise TypeError(f"cannot sync an adapter from a {type(source).__name__}")
+
+
 class WeightTransport(Protocol):
-    """What ActorPool needs from a transport. ``send`` returns one ObjectRef per engine (its load)."""
+    """What ActorPool needs from a transport. ``send`` and ``send_adapter`` return one ObjectRef per engine
+    (its load)."""
 
     def send(self, engines: list[Any], source: Any, version: int) -> list[Any]: ...
+
+    def send_adapter(self, engines: list[Any], source: Any, version: int, run: int) -> list[Any]: ...
 
     def reset(self) -> None: ...
 
@@ -69,6 +89,10 @@ class ObjectStoreTransport:
         ref = as_ref(source, version)
         # A top-level ObjectRef argument is resolved by Ray in each engine: one zero-copy read each.
         return [engine.load_weights.remote(ref, version) for engine in engines]
+
+    def send_adapter(self, engines: list[Any], source: Any, version: int, run: int) -> list[Any]:
+        ref = adapter_ref(source, version)
+        return [engine.load_adapter.remote(ref, run) for engine in engines]
 
     def reset(self) -> None:
         pass  # nothing persistent: the object store is always there
@@ -111,6 +135,10 @@ class CollectiveTransport:
         loads = [e.receive_weights.remote(self._wire_specs, self.bucket_bytes, version) for e in engines]
         ray.get(source.broadcast(version))  # a broken group raises here, on the sender's side
         return loads
+
+    def send_adapter(self, engines: list[Any], source: Any, version: int, run: int) -> list[Any]:
+        # Megabytes: a broadcast group would cost more to keep than the object store's one read per node.
+        return ObjectStoreTransport().send_adapter(engines, source, version, run)
 
     def reset(self) -> None:
         """Forget the group (an engine was replaced, or a broadcast failed): the next send forms a new one."""

@@ -119,7 +119,9 @@ class WeightReceiver:
             del model.load_weights
         if not written or written[0] is None:
             raise PartialLoadError(f"{type(model).__name__}.load_weights did not report what it wrote: unverifiable")
-        unwritten = sorted(name for name, _ in model.named_parameters() if name not in written[0])
+        # With LoRA enabled, vLLM wraps layers: their parameters are named `….base_layer.weight`, loaded as `….weight`.
+        params = (name.replace(".base_layer.", ".") for name, _ in model.named_parameters())
+        unwritten = sorted(name for name in params if name not in written[0])
         if unwritten or len(received) != expected_count:
             raise PartialLoadError(
                 f"partial weight load: {len(received)} of {expected_count} tensors reached the loader, "

@@ -108,6 +108,10 @@ class LearnerGroup:
         refs = [rank.step.remote(rollouts.take(rows)) for rank, rows in zip(self.ranks, parts, strict=True)]
         return merge_metrics(ray.get(refs, timeout=timeout_s))
 
+    def adapter_ref(self, version: int | None = None, master: bool = False) -> ray.ObjectRef:
+        """An ObjectRef to rank 0's LoRA adapter (AdapterWeights): megabytes, whatever the transport."""
+        return self.ranks[0].adapter.remote(version, master)
+
     def weights_ref(self, version: int | None = None, master: bool = False) -> ray.ObjectRef:
         """An ObjectRef to the full weights (FlatWeights), produced by rank 0: ``ray.get`` it or pass it on.
 

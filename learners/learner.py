@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
     import torch
 
+    from actors.adapter import AdapterWeights
     from merger.flat import FlatWeights
     from warp_rlhf.config import LearnersConfig
 
@@ -331,6 +332,26 @@ class LearnerRank:
             factors = dict(master_parameters(module, self.engine.optimizer, trainable_only=True)) if wide else None
             return lora.merged_parameters(module, factors, torch.float32 if master else None)
         return master_parameters(module, self.engine.optimizer) if wide else full_parameters(module)
+
+    def adapter(self, version: int | None = None, master: bool = False) -> AdapterWeights | None:
+        """The LoRA adapter alone, as the engines load it (model dtype; ``master``: fp32), on rank 0; None
+        elsewhere. Under ZeRO 0-2 every rank holds the whole adapter: no collective."""
+        from actors.adapter import AdapterWeights
+        from merger.flat import flatten
+
+        if not self.lora:
+            raise RuntimeError("adapter(): this learner trains the full model (learners.lora.rank = 0)")
+        if self.rank != 0:
+            return None
+        module = self.engine.module
+        if master and self.dtype != "float32":
+            pairs = master_parameters(module, self.engine.optimizer, trainable_only=True)
+        else:
+            pairs = lora.adapter_parameters(module)
+        named = ((lora.saved_name(name), t.detach().to("cpu", copy=True)) for name, t in pairs)
+        flat = flatten(named, version=self.version if version is None else version)
+        settings = self.cfg.lora
+        return AdapterWeights(flat, settings.rank, settings.alpha, settings.target_modules)
 
     def open_weight_sender(
         self, host: str, world_size: int, backend: str, bucket_bytes: int, timeout_s: float

@@ -66,6 +66,11 @@ def adapter_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.P
     return ((name, p) for name, p in model.named_parameters() if is_adapter(name))
 
 
+def saved_name(name: str) -> str:
+    """peft's parameter name → the name ``save_pretrained`` writes (the adapter's own name dropped)."""
+    return name.replace(f".{ADAPTER}.", ".")
+
+
 def merged_parameters(
     model: torch.nn.Module, factors: Mapping[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:

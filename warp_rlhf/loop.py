@@ -67,6 +67,7 @@ class Trainer:
         startup: StartupTimes,
     ) -> None:
         from actors import make_reward
+        from merger.checkpoint import Checkpoint
 
         self.cfg, self.out, self.sft_dir, self.prompts, self.progress = cfg, out, sft_dir, prompts, progress
         self.placement = placement  # warp_rlhf.cluster.RunPlacement
@@ -76,6 +77,8 @@ class Trainer:
         self.runs: list[Run] = []
         self.stop = stop  # set (by a failing run or by Ctrl-C): every run stops at its next step boundary
         self.anchor_ref: Any = None  # warp.anchor = sft: θ_sft in the object store, every run's fixed anchor
+        with Checkpoint(sft_dir) as checkpoint:  # what a full-weight sync sends to each engine
+            self.model_bytes = sum(entry.nbytes for entry in checkpoint.entries.values())
 
     def start_runs(self) -> None:
         """Every run's engines and learner ranks start at once, each in its group; then wait for them all."""
@@ -87,9 +90,10 @@ class Trainer:
         cfg, dtype = self.cfg, self.cfg.model.dtype
         seeds = [cfg.seed + 7919 * m for m in range(1, cfg.warp.runs + 1)]  # runs differ only by seed and prompts
         began = time.perf_counter()
+        lora = (1, cfg.learners.lora.rank) if cfg.learners.lora.enabled else (0, 0)  # (slots, rank) per engine
         pools = [
             ActorPool(self.sft_dir, cfg.actors, dtype=dtype, seed=seed, placement_groups=self.placement.engines(m),
-                      wait=False)
+                      wait=False, max_loras=lora[0], max_lora_rank=lora[1])
             for m, seed in enumerate(seeds, start=1)
         ]  # fmt: skip
         for m, (pool, seed) in enumerate(zip(pools, seeds, strict=True), start=1):
@@ -178,9 +182,9 @@ class Trainer:
             stats = run.learner.step(rollouts)
             learned = time.perf_counter()
             run.version += 1
-            run.pool.sync(run.learner, run.version)  # the learner publishes: object store or its own broadcast
+            sent = self.publish(run)
             timings = {"generate_s": generated - start, "learn_s": learned - generated,
-                       "sync_s": time.perf_counter() - learned}  # fmt: skip
+                       "sync_s": time.perf_counter() - learned, "sync_bytes": sent}  # fmt: skip
             samples.append(rollouts)
             self.record(run, i, t, rollouts, {**stats, **timings})
             self.startup.first_step()
@@ -191,6 +195,8 @@ class Trainer:
                 samples, first = [], t + 1
         self.write_samples(run, i, samples, first, steps - 1)
         self.metrics.flush()  # before the final policy: once it exists, resume never recomputes these steps
+        if self.cfg.learners.lora.enabled:  # before the policy: a complete policy means its adapter is there
+            self.save_adapter(run, i)
         return self.save_policy(run, final)
 
     def reset_run(self, run: Run, i: int, init_ref: Any) -> int:
@@ -203,7 +209,9 @@ class Trainer:
             run.learner.load_state(state / "learner")
             run.sampler.restore(saved["sampler"])
             run.version = saved["version"]
-            run.pool.sync(run.learner, run.version)
+            if self.cfg.learners.lora.enabled:  # the engines' base is θ_init; the adapter goes on top of it
+                run.pool.sync(init_ref, self.version_base(i))
+            self.publish(run)
             log.info("run %d of iteration %d resumes at step %d", run.index, i, saved["step"])
             self.progress.update(saved["step"])
             return int(saved["step"])
@@ -211,6 +219,17 @@ class Trainer:
         run.version = self.version_base(i)
         run.pool.sync(init_ref, run.version)  # already in the object store: one read per node
         return 0
+
+    def publish(self, run: Run) -> int:
+        """The learner's current policy to its engines; returns the bytes sent to each engine.
+
+        Full fine-tuning: the whole model (object store, or the learner's own broadcast). LoRA: the adapter
+        alone, megabytes, on top of the θ_init the engines already hold.
+        """
+        if self.cfg.learners.lora.enabled:
+            return run.pool.sync_adapter(run.learner, run.version, run.index)
+        run.pool.sync(run.learner, run.version)
+        return self.model_bytes
 
     def version_base(self, i: int) -> int:
         """Weights versions count learner steps across iterations: θ_init of iteration i has this one."""
@@ -271,6 +290,16 @@ class Trainer:
         latest = run.learner.weights_ref(run.version, master=True)
         save_hf(ray.get(latest), final, reference_dir=self.sft_dir, overwrite=True)
         return latest
+
+    def save_adapter(self, run: Run, i: int) -> None:
+        """The run's fp32 adapter in peft's format, for `vllm serve --lora-modules` on θ_init of iteration i."""
+        import ray
+
+        from actors.adapter import save_adapter
+
+        base = self.out.init(i - 1) if i > 1 else self.sft_dir
+        adapter = ray.get(run.learner.adapter_ref(run.version, master=True))
+        save_adapter(adapter, self.out.adapter(i, run.index), str(Path(base).resolve()))
 
     # ------------------------------------------------------------------------------------------------
 

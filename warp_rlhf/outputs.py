@@ -3,6 +3,7 @@
 ```
 <output_dir>/config.yaml  iter-<i>/run-<m>/  iter-<i>/slerp/  iter-<i>/init/  metrics.parquet
             iter-<i>/snapshots/run-<m>-step-<t>/ (output.policy_every)   iter-<i>/lerp/ (studies)
+            iter-<i>/adapters/run-<m>/ (learners.lora: the run's adapter, on θ_init of iteration i)
             samples/iter-<i>/run-<m>/steps-<a>-<b>.parquet   tensorboard/   pareto.parquet  pareto.png
             state/progress.json  state/iter-<i>/run-<m>/{learner/, progress.json}
 ```
@@ -62,6 +63,10 @@ class RunDir:
 
     def policy(self, i: int, m: int) -> Path:
         return self.iteration(i) / f"run-{m}"
+
+    def adapter(self, i: int, m: int) -> Path:
+        """Run m's final LoRA adapter of iteration i (peft format; its base is θ_init of iteration i)."""
+        return self.iteration(i) / "adapters" / f"run-{m}"
 
     def snapshot(self, i: int, m: int, step: int) -> Path:
         """Run m's policy after ``step`` steps of iteration i (output.policy_every)."""
