@@ -12,7 +12,9 @@ placement group that gets the latest weights before its shard is retried once; a
 or shapes are not the model's) is the source's fault, the same on every engine: the sync raises
 PoolError naming the tensors at once, and every engine keeps serving the previous version. With LoRA
 slots (``max_loras``), ``sync_adapter`` loads one run's adapter on every engine; replacement engines get
-the base and every run's latest adapter.
+the base and every run's latest adapter. Several runs may share one pool (actors.share_engines), calling
+``generate`` and ``sync_adapter`` from their own threads: an engine runs one call at a time, and a dead
+engine is replaced once, by whichever thread finds it first.
 
 Imports ray, pyarrow and numpy; vllm only inside the engine actors; never deepspeed.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,6 +71,7 @@ class ActorPool:
         self.lora = (max_loras, max_lora_rank)
         self._adapters: dict[int, tuple[Any, int]] = {}  # run → (ObjectRef to its latest adapter, version)
         self._restarts = 0
+        self._replacing = threading.Lock()
         self.engines = self.start_engines()
         if wait:
             self.ready()
@@ -118,16 +122,15 @@ class ActorPool:
 
         texts = prompt_texts(prompts, kwargs.pop("prompt_column", "prompt"))
         shards = [(i, lo, texts[lo:hi]) for i, (lo, hi) in enumerate(self._shards(len(texts)))]
-        refs = {
-            i: self.engines[i].generate.remote(shard, n, group_offset=lo, engine=i, **kwargs) for i, lo, shard in shards
-        }
+        used = list(self.engines)
+        refs = {i: used[i].generate.remote(shard, n, group_offset=lo, engine=i, **kwargs) for i, lo, shard in shards}
         tables = []
         for i, lo, shard in shards:
             try:
                 tables.append(ray.get(refs[i]))
             except ray.exceptions.RayActorError as exc:
                 log.warning("engine %d died during generate (%s); replacing it and retrying its shard", i, exc)
-                self._replace(i)
+                self._replace(i, used[i])
                 try:
                     retry = self.engines[i].generate.remote(shard, n, group_offset=lo, engine=i, **kwargs)
                     tables.append(ray.get(retry))
@@ -151,8 +154,16 @@ class ActorPool:
         scores = [e.score.remote(part, temperature) for e, part in zip(self.engines, parts, strict=False)]
         return np.concatenate(ray.get(scores))
 
-    def _replace(self, index: int) -> None:
-        """Start a new engine in slot ``index`` and bring it to the pool's latest weights version."""
+    def _replace(self, index: int, dead: Any = None) -> None:
+        """Start a new engine in slot ``index`` and bring it to the pool's latest weights version.
+
+        ``dead``: the engine handle found dead; when another thread has replaced it already, nothing to do.
+        """
+        with self._replacing:
+            if dead is None or self.engines[index] is dead:
+                self._replace_now(index)
+
+    def _replace_now(self, index: int) -> None:
         import ray
 
         from actors.transport import as_ref
@@ -215,7 +226,8 @@ class ActorPool:
 
         ref = adapter_ref(source, version)
         self._adapters[run] = (ref, int(version))
-        results = self._get_each(self.transport.send_adapter(self.engines, ref, version, run))
+        used = list(self.engines)
+        results = self._get_each(self.transport.send_adapter(used, ref, version, run))
         refused = [i for i, r in enumerate(results) if isinstance(r, WeightMismatchError)]
         if refused:
             del self._adapters[run]
@@ -223,7 +235,7 @@ class ActorPool:
             raise PoolError(f"engines {refused} refused adapter version {version} of run {run}: {_cause(error)}")
         failed = [i for i, r in enumerate(results) if isinstance(r, Exception)]
         if failed:
-            self._recover_sync(failed, reload_survivors=False)
+            self._recover_sync(failed, reload_survivors=False, dead=used)
         return max((r for r in results if not isinstance(r, Exception)), default=0)
 
     def _alive(self) -> list[bool]:
@@ -242,12 +254,12 @@ class ActorPool:
                 results.append(exc)  # a task error: a refused load, or one that failed part-way (a stale engine)
         return results
 
-    def _recover_sync(self, failed: list[int], reload_survivors: bool) -> None:
+    def _recover_sync(self, failed: list[int], reload_survivors: bool, dead: list[Any] | None = None) -> None:
         """Replace failed engines (they load the latest weights); after a broken broadcast, survivors reload too."""
 
         log.warning("engines %s died or failed a weight load part-way; replacing them", failed)
         for i in failed:
-            self._replace(i)
+            self._replace(i, dead[i] if dead is not None else None)
         if reload_survivors:
             from actors.transport import as_ref
 

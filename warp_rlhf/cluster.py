@@ -134,7 +134,9 @@ class RunPlacement:
         return self.groups[f"run-{run}/learner"]
 
     def engines(self, run: int) -> list[Any]:
-        names = sorted((n for n in self.groups if n.startswith(f"run-{run}/engine-")), key=_engine_index)
+        """Run ``run``'s engine groups; run 0: the groups of the engines every run shares."""
+        owner = f"run-{run}" if run else "shared"
+        names = sorted((n for n in self.groups if n.startswith(f"{owner}/engine-")), key=_engine_index)
         return [self.groups[n] for n in names]
 
     def remove(self) -> None:

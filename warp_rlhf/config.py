@@ -59,7 +59,7 @@ class ActorsConfig(_Section):
     section: ClassVar[str] = "actors"
 
     engines_per_run: int = 1
-    """K: vLLM engines in the actor pool that serves one run."""
+    """K: vLLM engines in the actor pool that serves one run (with share_engines: that serves all runs)."""
     num_cpus: float = 1.0
     """CPUs reserved per engine (Ray resources)."""
     num_gpus: float = 0.0
@@ -88,6 +88,8 @@ class ActorsConfig(_Section):
     """Rollout logprobs: raw = log-softmax of the model's logits (π_θ at T=1); processed = after temperature/top-k."""
     drift_warn: float = 0.1
     """Warn when an engine's per-token log-probs differ from the learner's by more than this on average (nats)."""
+    share_engines: bool = False
+    """With learners.lora: one pool of K engines serves all M runs, one LoRA slot per run (only adapters move)."""
 
     def __post_init__(self) -> None:
         k = self._key
@@ -441,6 +443,10 @@ class Config:
                 self.actors.samples_per_prompt,
                 ">= 2 when learners.baseline = rloo (leave-one-out needs two samples per prompt)",
             )
+        if self.actors.share_engines:
+            _require(self.learners.lora.enabled, "actors.share_engines", True,
+                     "false unless learners.lora.rank > 0 (runs can share engines only when they differ by an "
+                     "adapter)")  # fmt: skip
         if self.learners.lora.enabled and self.warp.anchor == "sft":
             _require(self.warp.iterations == 1, "warp.iterations", self.warp.iterations,
                      "1 with learners.lora and warp.anchor = sft (the adapter's base is θ_init, which is θ_sft "

@@ -90,12 +90,14 @@ class Trainer:
         cfg, dtype = self.cfg, self.cfg.model.dtype
         seeds = [cfg.seed + 7919 * m for m in range(1, cfg.warp.runs + 1)]  # runs differ only by seed and prompts
         began = time.perf_counter()
-        lora = (1, cfg.learners.lora.rank) if cfg.learners.lora.enabled else (0, 0)  # (slots, rank) per engine
+        lora, shared = cfg.learners.lora, cfg.actors.share_engines
+        slots = (cfg.warp.runs if shared else 1) if lora.enabled else 0  # LoRA slots per engine: one per run served
         pools = [
             ActorPool(self.sft_dir, cfg.actors, dtype=dtype, seed=seed, placement_groups=self.placement.engines(m),
-                      wait=False, max_loras=lora[0], max_lora_rank=lora[1])
-            for m, seed in enumerate(seeds, start=1)
+                      wait=False, max_loras=slots, max_lora_rank=lora.rank)
+            for m, seed in ([(0, cfg.seed)] if shared else enumerate(seeds, start=1))
         ]  # fmt: skip
+        pools *= cfg.warp.runs if shared else 1  # every run holds the one shared pool
         for m, (pool, seed) in enumerate(zip(pools, seeds, strict=True), start=1):
             learner = LearnerGroup(
                 self.sft_dir,
@@ -112,7 +114,8 @@ class Trainer:
             self.runs.append(Run(m, learner, pool))
         self.startup.record("starting actors", time.perf_counter() - began)
         pending = {ref: "learners" for run in self.runs for ref in (r.ready.remote() for r in run.learner.ranks)}
-        pending |= {ref: "engines" for run in self.runs for ref in (e.ping.remote() for e in run.pool.engines)}
+        engines = {id(engine): engine for run in self.runs for engine in run.pool.engines}.values()
+        pending |= {engine.ping.remote(): "engines" for engine in engines}
         while pending:  # whichever finishes first; an actor's start-up error is raised here
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
             if self.stop.is_set():  # Ctrl-C: nothing to save yet
@@ -151,6 +154,8 @@ class Trainer:
         Fail fast: the first run to fail stops the others at their next step boundary (each writes a
         step checkpoint first, so resume loses nothing), then its original exception is raised.
         """
+        if self.cfg.actors.share_engines:  # the one base, under every run's adapter slot
+            self.runs[0].pool.sync(init_ref, self.version_base(i))
         with ThreadPoolExecutor(len(self.runs), thread_name_prefix="run") as threads:
             futures = [threads.submit(self.train_run, run, i, init_ref) for run in self.runs]
             wait(futures, return_when=FIRST_EXCEPTION)
@@ -209,15 +214,16 @@ class Trainer:
             run.learner.load_state(state / "learner")
             run.sampler.restore(saved["sampler"])
             run.version = saved["version"]
-            if self.cfg.learners.lora.enabled:  # the engines' base is θ_init; the adapter goes on top of it
-                run.pool.sync(init_ref, self.version_base(i))
+            if self.cfg.learners.lora.enabled and not self.cfg.actors.share_engines:
+                run.pool.sync(init_ref, self.version_base(i))  # the engines' base is θ_init; the adapter goes on top
             self.publish(run)
             log.info("run %d of iteration %d resumes at step %d", run.index, i, saved["step"])
             self.progress.update(saved["step"])
             return int(saved["step"])
         run.learner.load_init(init_ref, anchor=self.anchor_ref)
         run.version = self.version_base(i)
-        run.pool.sync(init_ref, run.version)  # already in the object store: one read per node
+        if not self.cfg.actors.share_engines:  # a shared pool got θ_init once, before the runs started
+            run.pool.sync(init_ref, run.version)  # already in the object store: one read per node
         return 0
 
     def publish(self, run: Run) -> int:
@@ -237,8 +243,12 @@ class Trainer:
 
     def generate(self, run: Run, prompts: list[str], i: int, t: int) -> Any:
         from actors import score_rollouts
+        from actors.engine import prompt_seed
 
-        rollouts = run.pool.generate(prompts, run=run.index, iteration=i, step=t)  # group_id = prompt index
+        # A shared engine's own random stream would be drawn by the runs in whichever order their threads
+        # come: each run's step gets its own seed instead, so a run's samples do not depend on the others.
+        seed = prompt_seed(self.cfg.seed + 7919 * run.index, (i << 32) + t) if self.cfg.actors.share_engines else None
+        rollouts = run.pool.generate(prompts, run=run.index, iteration=i, step=t, seed=seed)  # group_id = prompt index
         return score_rollouts(rollouts, self.reward, self.cfg.reward.length_penalty)
 
     def record(self, run: Run, i: int, t: int, rollouts: Any, stats: dict[str, Any]) -> None:

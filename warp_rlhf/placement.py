@@ -40,11 +40,12 @@ class GroupSpec:
     """One Ray placement group: its bundles (resource dicts) and packing strategy."""
 
     name: str
-    """``run-1/learner``, ``run-1/engine-2``, ``reward``, ``merger`` (runs and engines count from 1)."""
+    """``run-1/learner``, ``run-1/engine-2``, ``shared/engine-1`` (actors.share_engines), ``reward``, ``merger``
+    (runs and engines count from 1)."""
     role: str
     """learner, engine, reward or merger."""
     run: int
-    """1-based run index; 0 for the reward model and the merger."""
+    """1-based run index; 0 for the reward model, the merger and engines shared by every run."""
     bundles: tuple[dict[str, float], ...]
     """One per learner rank, one per tensor-parallel worker of an engine."""
     strategy: str
@@ -141,9 +142,10 @@ def group_specs(cfg: Config, nodes: list[Node]) -> list[GroupSpec]:
     whole = any(_fits(_total(learner), n.resources) for n in _eligible(nodes, res.learner_resource))
     groups = [GroupSpec(f"run-{m}/learner", "learner", m, learner, "STRICT_PACK" if whole else "PACK") for m in runs]
     engine = _engine_bundles(a, res.rollout_resource)
+    owners = [(0, "shared")] if a.share_engines else [(m, f"run-{m}") for m in runs]
     groups += [
-        GroupSpec(f"run-{m}/engine-{k}", "engine", m, engine, "STRICT_PACK")
-        for m in runs
+        GroupSpec(f"{owner}/engine-{k}", "engine", m, engine, "STRICT_PACK")
+        for m, owner in owners
         for k in range(1, a.engines_per_run + 1)
     ]
     if cfg.reward.remote:
