@@ -185,11 +185,13 @@ def _serve(args: argparse.Namespace) -> int:
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "serve",
-        help="serve a merged policy with vLLM's OpenAI-compatible server",
-        description="Checks DIR (config, safetensors, tokenizer), then runs vLLM's OpenAI server on it. "
-        "Arguments after --vllm go to vLLM unchanged.",
+        help="serve a merged policy or a LoRA run's adapter with vLLM's OpenAI-compatible server",
+        description="Checks DIR (config, safetensors, tokenizer), then runs vLLM's OpenAI server on it. An adapter "
+        "directory is served on its base (named in its adapter_config.json) with vLLM's LoRA support: the base as "
+        "NAME-base, base + adapter as NAME. Arguments after --vllm go to vLLM unchanged.",
     )
-    parser.add_argument("dir", metavar="DIR", help="an HF checkpoint, e.g. <run>/iter-<I>/init")
+    parser.add_argument("dir", metavar="DIR", help="an HF checkpoint, e.g. <run>/iter-<I>/init, or a LoRA adapter, "
+                        "e.g. <run>/iter-<I>/adapters/run-<M>")  # fmt: skip
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=port, default=8000, help="default 8000")
     parser.add_argument("--served-model-name", default="policy", help="the `model` clients ask for (default policy)")

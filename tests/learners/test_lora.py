@@ -68,7 +68,7 @@ def test_only_the_adapter_trains_and_the_policy_is_w_init_plus_s_b_a(learner, in
     trainable = [n for n, p in learner.engine.module.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     start = learner.weights(master=True)
-    assert sorted(start.names()) == sorted(init.names())  # HF names: the engines, the merger and save_hf see a plain model
+    assert sorted(start.names()) == sorted(init.names())  # HF names: engines, merger and save_hf see a plain model
     dtype = getattr(torch, learner.dtype)
     base = {n: t.to(dtype).float() for n, t in init.tensors()}  # θ_init as the learner holds it
     assert all(torch.equal(t, base[n]) for n, t in start.tensors())  # B = 0: exactly θ_init, in fp32

@@ -112,6 +112,51 @@ def test_cpu_flags_and_stored_dtype() -> None:
     assert sized[sized.index("--dtype") + 1] == "bfloat16"
 
 
+def _adapter(tmp_path: Path, base: Path) -> Path:
+    import torch
+
+    from actors.adapter import AdapterWeights, save_adapter
+    from merger.flat import flatten
+
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    factors = [(f"{prefix}.lora_A.weight", torch.zeros(4, 128)), (f"{prefix}.lora_B.weight", torch.zeros(128, 4))]
+    return save_adapter(AdapterWeights(flatten(factors), 4, 8.0, ("q_proj",)), tmp_path / "adapter", str(base))
+
+
+def test_an_adapter_is_served_on_its_base_with_vllms_lora(
+    tiny_model_dir: Path, tmp_path: Path, no_exec: list[list[str]]
+) -> None:
+    adapter = _adapter(tmp_path, tiny_model_dir)
+    main(["serve", str(adapter), "--port", str(_free_port()), "--served-model-name", "run1"])
+    (argv,) = no_exec
+    assert argv[argv.index("--model") + 1] == str(tiny_model_dir)  # the base named in adapter_config.json
+    assert argv[argv.index("--served-model-name") + 1] == "run1-base"
+    assert "--enable-lora" in argv and argv[argv.index("--max-lora-rank") + 1] == "8"  # vLLM's slot for rank 4
+    assert argv[argv.index("--lora-modules") + 1] == f"run1={adapter}"
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [("base", "is not a directory on this machine"), ("weights", "no adapter_model.safetensors"),
+     ("config", "not a LoRA adapter")],
+)  # fmt: skip
+def test_a_broken_adapter_is_one_line_and_exit_2(
+    damage: str, message: str, tiny_model_dir: Path, tmp_path: Path, no_exec: list[list[str]], capsys
+) -> None:
+    import json
+
+    adapter = _adapter(tmp_path, tiny_model_dir if damage != "base" else tmp_path / "gone")
+    if damage == "weights":
+        (adapter / "adapter_model.safetensors").unlink()
+    if damage == "config":
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        (adapter / "adapter_config.json").write_text(json.dumps(config | {"peft_type": "IA3"}))
+    assert main(["serve", str(adapter), "--port", str(_free_port())]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert no_exec == []
+
+
 def test_bad_port_is_a_usage_error(tiny_model_dir: Path) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["serve", str(tiny_model_dir), "--port", "70000"])

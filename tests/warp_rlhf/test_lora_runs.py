@@ -1,0 +1,105 @@
+"""LoRA WARP through the CLI with real Ray, vLLM and DeepSpeed: M = 2 runs on one shared engine, adapter-only
+sync, merged full checkpoints, saved adapters, and `warp-rlhf serve` of a run's adapter."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.warp_rlhf.test_serve import _free_port, _greedy_reference, _group_members, _stop, _wait_until_up
+from warp_rlhf.outputs import RunDir
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.ray, pytest.mark.vllm]
+RANK = 4
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("lora") / "run"
+    args = ["train", "--config", "configs/smoke.yaml", f"output.dir={out}", f"learners.lora.rank={RANK}",
+            "learners.lora.alpha=8", "learners.lr=1e-2", "actors.share_engines=true"]  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "warp_rlhf", *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=900)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out
+
+
+def test_one_shared_engine_samples_every_run_with_its_own_adapter(lora_run: Path, tiny_model_dir: Path) -> None:
+    placement = json.loads((lora_run / "placement.json").read_text())
+    assert [g for g in placement["groups"] if "engine" in g] == ["shared/engine-1"]
+    (engine_1,), (engine_2,) = (run["engines"] for run in placement["runs"])
+    assert engine_1["pid"] == engine_2["pid"]  # the same vLLM engine serves both runs
+
+    metrics = pq.read_table(lora_run / "metrics.parquet").to_pylist()
+    assert sorted((r["iteration"], r["run"], r["step"]) for r in metrics) == [
+        (i, m, t) for i in (1, 2) for m in (1, 2) for t in (0, 1)
+    ]
+    # A step moves the adapter alone: 2 layers × 7 target matrices × (A + B) in fp32, not the model.
+    from merger.checkpoint import Checkpoint
+
+    with Checkpoint(tiny_model_dir) as checkpoint:
+        model_bytes = sum(e.nbytes for e in checkpoint.entries.values())
+        shapes = [shape for name, (_, shape) in checkpoint.layout.items() if name.endswith("proj.weight")]
+    adapter_bytes = sum(4 * RANK * (rows + columns) for rows, columns in shapes)
+    assert {r["sync_bytes"] for r in metrics} == {adapter_bytes} and adapter_bytes < model_bytes / 10
+    # Had an engine sampled a run's prompts with the other run's adapter (or none), the learner's log-probs
+    # of the sampled tokens would differ from the sampler's by about the runs' KL, not by rounding.
+    assert max(r["drift_max"] for r in metrics) < 1e-4
+    assert any(r["kl"] > 0.01 for r in metrics)  # the adapters did move the policies apart from the anchor
+    samples = pq.read_table(lora_run / "samples").to_pylist()
+    base = {1: 0, 2: 3}  # the version of θ_init of iteration i: 2 steps per iteration
+    assert {(s["iteration"], s["step"], s["version"]) for s in samples} == {
+        (i, t, base[i] + t) for i in (1, 2) for t in (0, 1)
+    }
+
+
+def test_a_runs_policy_is_its_saved_adapter_on_its_iterations_init(lora_run: Path, tiny_model_dir: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = RunDir(lora_run)
+    for i in (1, 2):
+        init = tiny_model_dir if i == 1 else out.init(i - 1)
+        for m in (1, 2):
+            adapter = out.adapter(i, m)
+            config = json.loads((adapter / "adapter_config.json").read_text())
+            assert Path(config["base_model_name_or_path"]) == Path(init).resolve()
+            base = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
+            merged = PeftModel.from_pretrained(base, adapter).merge_and_unload().state_dict()
+            policy = AutoModelForCausalLM.from_pretrained(out.policy(i, m), dtype=torch.float32).state_dict()
+            assert max(float((merged[n] - policy[n]).abs().max()) for n in policy) < 1e-6
+
+
+def test_serving_a_runs_adapter_answers_as_its_policy(lora_run: Path, tmp_path: Path) -> None:
+    from openai import OpenAI
+
+    out = RunDir(lora_run)
+    port, log = _free_port(), tmp_path / "server.log"
+    cmd = [sys.executable, "-m", "warp_rlhf", "serve", str(out.adapter(2, 1)), "--port", str(port)]
+    cmd += ["--max-model-len", "128", "--kv-cache-gib", "0.125"]
+    with open(log, "w") as sink:
+        server = subprocess.Popen(cmd, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=30, max_retries=0)
+        _wait_until_up(server, client, log)
+        assert sorted(m.id for m in client.models.list().data) == ["policy", "policy-base"]
+        for model, reference in (("policy", out.policy(2, 1)), ("policy-base", out.init(1))):
+            reply = client.completions.create(model=model, prompt="The film", max_tokens=8, temperature=0,
+                                              extra_body={"return_token_ids": True})  # fmt: skip
+            choice = reply.choices[0]
+            expected = _greedy_reference(reference, choice.model_extra["prompt_token_ids"], 8)
+            assert choice.model_extra["token_ids"] == expected, model
+    finally:
+        _stop(server)
+    assert _group_members(server.pid) == []
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
