@@ -19,7 +19,7 @@ STAMP := $(VENV)/.installed-$(EXTRA)
 export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0
 OPS_STAMP := $(VENV)/.ops-built-$(EXTRA)
 
-.PHONY: install test test-fast lint format demo study bench bench-peer clean
+.PHONY: install test test-fast lint format demo demo-lora study bench bench-peer clean
 
 install: $(STAMP) $(OPS_STAMP)
 
@@ -55,6 +55,12 @@ DEMO_DIR ?= runs/demo
 demo: install
 	$(PY) -m warp_rlhf train --config configs/demo.yaml --resume output.dir=$(DEMO_DIR)
 	$(PY) -m warp_rlhf eval --run $(DEMO_DIR)
+
+# The same demo with LoRA adapters and one vLLM engine shared by both runs (configs/demo-lora.yaml).
+DEMO_LORA_DIR ?= runs/demo-lora
+demo-lora: install
+	$(PY) -m warp_rlhf train --config configs/demo-lora.yaml --resume output.dir=$(DEMO_LORA_DIR)
+	$(PY) -m warp_rlhf eval --run $(DEMO_LORA_DIR)
 
 # The paper's findings and WARP against classic RLOO on this machine (studies/paper.yaml; resumable, so run it again
 # after an interruption). Writes runs/studies/paper/{study.parquet,report.md,findings/}.

@@ -5,7 +5,8 @@ our own gradient accumulation, Adam step, EMA update), non-finite protection, fu
 FlatWeights form or as a collective broadcast to the engines (:mod:`learners.publish`), the reset to
 θ_init, and resume state (on disk: :mod:`learners.state`). A plain class: it works in-process (world
 size 1) and LearnerGroup makes R of them Ray actors. Imports torch, deepspeed and transformers lazily;
-from ``actors`` only the wire contracts (``actors.rollout``, ``actors.broadcast``); never Ray or vLLM.
+from ``actors`` only the wire contracts (``actors.rollout``, ``actors.broadcast``, ``actors.adapter``); never Ray
+or vLLM.
 """
 
 from __future__ import annotations

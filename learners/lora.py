@@ -14,7 +14,7 @@ of the model, and the anchor's forward is the policy's with other factors swappe
 need a dense fp32 matrix per target, the memory LoRA is chosen to save. ``tests/learners/test_lora.py``
 checks the rule and how far apart the two are.
 
-Imports torch and peft lazily; never Ray, vLLM or DeepSpeed.
+Imports torch (through learners.anchor) and peft lazily; never Ray, vLLM or DeepSpeed.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
+
+from learners.anchor import EmaAnchor, _check_mu, held_bytes
+from learners.objective import sequence_logprobs
 
 if TYPE_CHECKING:
     import torch
@@ -126,47 +129,30 @@ def reset_adapter(model: torch.nn.Module, generator: torch.Generator) -> None:
             b.zero_()
 
 
-class AdapterAnchor:
+class AdapterAnchor(EmaAnchor):
     """θ_ema = θ_init + s·B̄·Ā: fp32 EMAs of the policy's factors, swapped into the policy to score.
 
-    The interface of :class:`learners.anchor.EmaAnchor`. Every rank holds the whole (tiny) adapter:
-    ZeRO 0-2 keep parameters whole, and the update reads this rank's own copy of the factors.
+    :class:`learners.anchor.EmaAnchor` over the adapter's factors alone, with its own fp32 copies (the
+    policy's factors keep training). Every rank holds the whole (tiny) adapter: ZeRO 0-2 keep parameters
+    whole, and the update reads this rank's own copy of the factors.
     """
-
-    partitioned = False
 
     def __init__(self, policy: torch.nn.Module, mu: float, fixed: bool = False) -> None:
         """``policy``: the wrapped model the learner trains; ``fixed``: the anchor is θ_init itself (no EMA)."""
-        from learners.anchor import _check_mu
-
         _check_mu(mu)
         self.policy, self.mu, self.fixed = policy, mu, fixed
         self.params = dict(adapter_parameters(policy))
         self.ema = {name: p.data.detach().float().clone() for name, p in self.params.items()}
+        self._rounded: list[str] = []  # nothing to round: the factors are swapped in only to score
         self.updates = 0
 
     def reset(self, named_tensors: Iterable[tuple[str, torch.Tensor]] | None = None) -> None:
         """θ_ema ← θ_init: the factors as the policy holds them now (A random, B = 0), or the given ones."""
-        import torch
-
-        pairs = named_tensors if named_tensors is not None else ((n, p.data) for n, p in self.params.items())
-        with torch.no_grad():
-            seen = set()
-            for name, tensor in pairs:
-                self.ema[name].copy_(tensor)
-                seen.add(name)
-        missing = set(self.ema) - seen
-        if missing:
-            raise KeyError(f"anchor is missing {len(missing)} adapter factors, e.g. {sorted(missing)[:3]}")
-        self.updates = 0
+        super().reset(named_tensors if named_tensors is not None else ((n, p.data) for n, p in self.params.items()))
 
     def update(self, policy: torch.nn.Module | None = None) -> None:
         """Ā ← (1 − μ)Ā + μA and B̄ likewise, from the policy's current factors."""
-        from learners.anchor import ema_update_
-
-        for name, param in self.params.items():
-            ema_update_(self.ema[name], param.data, self.mu)
-        self.updates += 1
+        super().update((name, p.data) for name, p in self.params.items())
 
     @contextmanager
     def swapped_in(self) -> Iterator[None]:
@@ -198,23 +184,9 @@ class AdapterAnchor:
         """log π_ema(y|x) (B,): the policy's forward with the anchor's factors."""
         import torch
 
-        from learners.objective import sequence_logprobs
-
         with torch.no_grad(), self.swapped_in():
             return sequence_logprobs(self.policy, input_ids, attention_mask, completion_mask, temperature)
 
     def local_bytes(self) -> int:
         """The fp32 factor EMAs: the anchor's only memory (its base is the policy's)."""
-        from learners.anchor import held_bytes
-
         return held_bytes(list(self.ema.values()))
-
-    def gathered(self) -> dict[str, torch.Tensor]:
-        return self.state_dict()
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: t.detach().cpu() for name, t in self.ema.items()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor], updates: int = 0) -> None:
-        self.reset(state.items())
-        self.updates = updates

@@ -70,6 +70,37 @@ def test_out_of_range_values_name_key_value_and_range(override: str, fragment: s
     assert fragment in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["learners.lora.rank=-1"], "learners.lora.rank = -1: must be >= 0"),
+        (["learners.lora.rank=8", "learners.lora.dropout=0.05"], "learners.lora.dropout = 0.05: must be 0"),
+        (["learners.lora.target_modules=[]"], "learners.lora.target_modules = []"),
+        (["learners.lora.target_modules=[model.q_proj]"], "learners.lora.target_modules = ['model.q_proj']"),
+        (["learners.lora.alpha=0"], "learners.lora.alpha = 0.0: must be > 0"),
+        (["learners.lora.rank=8", "learners.zero_stage=3"], "learners.zero_stage = 3: must be 0, 1 or 2 with"),
+        (["learners.lora.rank=8", "learners.anchor_on_cpu=true"], "learners.anchor_on_cpu = True: must be false"),
+        (["actors.share_engines=true"], "actors.share_engines = True: must be false unless learners.lora.rank > 0"),
+        (
+            ["learners.lora.rank=8", "warp.anchor=sft", "warp.iterations=2", "warp.steps=4"],
+            "warp.iterations = 2: must be 1",
+        ),
+    ],
+)
+def test_lora_settings_that_cannot_work_are_refused(overrides: list[str], fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({}, overrides)
+    assert fragment in str(info.value)
+
+
+def test_lora_targets_must_be_linear_layers_of_the_model(tiny_model_dir: Path) -> None:
+    from warp_rlhf.models import ModelError, check_model_matches
+
+    check_model_matches(tiny_model_dir, "float32", ("q_proj", "down_proj"))
+    with pytest.raises(ModelError, match=r"no linear layer named 'qkv'; its 2-D weights are named .*q_proj"):
+        check_model_matches(tiny_model_dir, "float32", ("q_proj", "qkv"))
+
+
 def test_unknown_key_names_key_and_valid_keys() -> None:
     with pytest.raises(ConfigError, match=r"unknown key 'warp.bta' in warp; valid keys: iterations, runs"):
         config_from_dict({"warp": {"bta": 1}})

@@ -4,7 +4,6 @@ sync, merged full checkpoints, saved adapters, and `warp-rlhf serve` of a run's 
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.warp_rlhf.test_serve import _free_port, _greedy_reference, _group_members, _stop, _wait_until_up
+from tests.warp_rlhf.test_serve import _greedy_reference, served
 from warp_rlhf.outputs import RunDir
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,17 +78,8 @@ def test_a_runs_policy_is_its_saved_adapter_on_its_iterations_init(lora_run: Pat
 
 
 def test_serving_a_runs_adapter_answers_as_its_policy(lora_run: Path, tmp_path: Path) -> None:
-    from openai import OpenAI
-
     out = RunDir(lora_run)
-    port, log = _free_port(), tmp_path / "server.log"
-    cmd = [sys.executable, "-m", "warp_rlhf", "serve", str(out.adapter(2, 1)), "--port", str(port)]
-    cmd += ["--max-model-len", "128", "--kv-cache-gib", "0.125"]
-    with open(log, "w") as sink:
-        server = subprocess.Popen(cmd, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=30, max_retries=0)
-        _wait_until_up(server, client, log)
+    with served(out.adapter(2, 1), tmp_path) as client:
         assert sorted(m.id for m in client.models.list().data) == ["policy", "policy-base"]
         for model, reference in (("policy", out.policy(2, 1)), ("policy-base", out.init(1))):
             reply = client.completions.create(model=model, prompt="The film", max_tokens=8, temperature=0,
@@ -97,9 +87,3 @@ def test_serving_a_runs_adapter_answers_as_its_policy(lora_run: Path, tmp_path: 
             choice = reply.choices[0]
             expected = _greedy_reference(reference, choice.model_extra["prompt_token_ids"], 8)
             assert choice.model_extra["token_ids"] == expected, model
-    finally:
-        _stop(server)
-    assert _group_members(server.pid) == []
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", port))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -9,7 +10,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -238,19 +241,34 @@ def _greedy_reference(model_dir: Path, prompt_ids: list[int], max_new_tokens: in
     return out[0, len(prompt_ids) :].tolist()
 
 
-@pytest.mark.vllm
-def test_serve_merged_policy_answers_openai_completion(merged_dir: Path, tmp_path: Path) -> None:
+@contextlib.contextmanager
+def served(directory: Path, tmp_path: Path) -> Iterator[Any]:
+    """`warp-rlhf serve DIRECTORY` as a real server; an OpenAI client of it. On exit the server is stopped, and
+    nothing of it (API process, engine core) may be left, nor anything listening on its port."""
     from openai import OpenAI
 
     port = _free_port()
     log = tmp_path / "server.log"
-    cmd = [sys.executable, "-m", "warp_rlhf", "serve", str(merged_dir), "--port", str(port)]
+    cmd = [sys.executable, "-m", "warp_rlhf", "serve", str(directory), "--port", str(port)]
     cmd += ["--max-model-len", "128", "--kv-cache-gib", "0.125"]
     with open(log, "w") as sink:
         server = subprocess.Popen(cmd, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=30, max_retries=0)
         _wait_until_up(server, client, log)
+        yield client
+    finally:
+        _stop(server)
+    assert server.returncode is not None
+    assert _group_members(server.pid) == []  # nothing of the server (API process, engine core) is left
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the client's closed connections linger
+        sock.bind(("127.0.0.1", port))  # in TIME_WAIT; nothing listens on the port any more
+
+
+@pytest.mark.vllm
+def test_serve_merged_policy_answers_openai_completion(merged_dir: Path, tmp_path: Path) -> None:
+    with served(merged_dir, tmp_path) as client:
         assert [m.id for m in client.models.list().data] == ["policy"]
         reply = client.completions.create(
             model="policy", prompt="The film", max_tokens=8, temperature=0, extra_body={"return_token_ids": True}
@@ -261,10 +279,3 @@ def test_serve_merged_policy_answers_openai_completion(merged_dir: Path, tmp_pat
         prompt_ids = choice.model_extra["prompt_token_ids"]
         expected = _greedy_reference(merged_dir, prompt_ids, 8)
         assert choice.model_extra["token_ids"] == expected
-    finally:
-        _stop(server)
-    assert server.returncode is not None
-    assert _group_members(server.pid) == []  # nothing of the server (API process, engine core) is left
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the client's closed connections linger
-        sock.bind(("127.0.0.1", port))  # in TIME_WAIT; nothing listens on the port any more
