@@ -43,9 +43,12 @@ def wrap(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
     peft_cfg = PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target_modules),
                               lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")  # fmt: skip
     wrapped = get_peft_model(model, peft_cfg)
-    bad = [name for name, layer in lora_layers(wrapped).items() if ADAPTER not in layer.lora_A]
-    if bad:  # an embedding or convolution target keeps its factors elsewhere
-        raise ValueError(f"learners.lora.target_modules: {bad[0]!r} is not a linear layer")
+    for name, layer in lora_layers(wrapped).items():
+        # An embedding keeps its factors elsewhere; a GPT-2 style Conv1D stores W transposed (fan_in_fan_out).
+        if ADAPTER not in layer.lora_A or getattr(layer, "fan_in_fan_out", False):
+            kind = type(layer.get_base_layer()).__name__
+            raise ValueError(f"learners.lora.target_modules: {hf_name(name)!r} is not a torch.nn.Linear layer "
+                             f"({kind}); LoRA WARP adapts linear layers only")  # fmt: skip
     return wrapped
 
 

@@ -221,3 +221,14 @@ def test_merging_two_lora_runs_equals_the_float64_reference_from_dense_task_vect
         atol = 4 * float(np.finfo(np.float32).eps) * float(base.abs().max() + 1)
         assert float((slerp[name].double() - merged).abs().max()) < atol, name
         assert float((dict(new_init.tensors())[name].double() - reference_init).abs().max()) < atol, name
+
+
+def test_only_linear_layers_can_be_adapted() -> None:
+    """A GPT-2 style Conv1D stores its weight transposed: B·A would land transposed, so it is refused."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from learners.lora import wrap
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
+    with pytest.raises(ValueError, match=r"'transformer.h.0.attn.c_attn' is not a torch.nn.Linear layer \(Conv1D\)"):
+        wrap(model, LoraConfig(rank=2, target_modules=("c_attn",)))

@@ -1,11 +1,13 @@
-"""LoRA WARP through the CLI with real Ray, vLLM and DeepSpeed: M = 2 runs on one shared engine, adapter-only
-sync, merged full checkpoints, saved adapters, and `warp-rlhf serve` of a run's adapter."""
+"""LoRA WARP through the CLI with real Ray, vLLM and DeepSpeed: M = 2 runs on one shared engine, stopped and
+resumed, adapter-only sync, merged full checkpoints, saved adapters, and `warp-rlhf serve` of a run's adapter."""
 
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -19,14 +21,40 @@ pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 RANK = 4
 
 
+STEPS = (10, 2)  # iteration 1 long enough to be stopped part-way through
+BASE = {1: 0, 2: STEPS[0] + 1}  # the weights version of θ_init of iteration i
+
+
+def _progress(out: Path, run: int) -> int:
+    path = out / "state" / "iter-1" / f"run-{run}" / "progress.json"
+    return json.loads(path.read_text())["step"] if path.is_file() else 0
+
+
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Trained in two goes: Ctrl-C part-way through iteration 1, then `--resume` to the end. Every test below
+    then also checks that a resumed LoRA run re-syncs the shared engine's base and each run's adapter."""
     out = tmp_path_factory.mktemp("lora") / "run"
     args = ["train", "--config", "configs/smoke.yaml", f"output.dir={out}", f"learners.lora.rank={RANK}",
-            "learners.lora.alpha=8", "learners.lr=1e-2", "actors.share_engines=true"]  # fmt: skip
-    result = subprocess.run([sys.executable, "-m", "warp_rlhf", *args], cwd=ROOT, capture_output=True, text=True,
-                            timeout=900)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-4000:]
+            "learners.lora.alpha=8", "learners.lr=1e-2", "actors.share_engines=true",
+            f"warp.steps=[{STEPS[0]},{STEPS[1]}]"]  # fmt: skip
+    command = [sys.executable, "-m", "warp_rlhf", *args]
+    first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 600
+        while first.poll() is None and _progress(out, 1) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        first.send_signal(signal.SIGINT)  # every run stops at its next step boundary and checkpoints
+        _, stderr = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 130, stderr[-4000:]
+    assert 2 <= _progress(out, 1) < STEPS[0], "the stop was to land part-way through iteration 1"
+    resumed = subprocess.run([*command, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "run 1 of iteration 1 resumes at step" in resumed.stderr
     return out
 
 
@@ -38,8 +66,8 @@ def test_one_shared_engine_samples_every_run_with_its_own_adapter(lora_run: Path
 
     metrics = pq.read_table(lora_run / "metrics.parquet").to_pylist()
     assert sorted((r["iteration"], r["run"], r["step"]) for r in metrics) == [
-        (i, m, t) for i in (1, 2) for m in (1, 2) for t in (0, 1)
-    ]
+        (i, m, t) for i in (1, 2) for m in (1, 2) for t in range(STEPS[i - 1])
+    ]  # every step once, across the stop
     # A step moves the adapter alone: 2 layers × 7 target matrices × (A + B) in fp32, not the model.
     from merger.checkpoint import Checkpoint
 
@@ -48,15 +76,15 @@ def test_one_shared_engine_samples_every_run_with_its_own_adapter(lora_run: Path
         shapes = [shape for name, (_, shape) in checkpoint.layout.items() if name.endswith("proj.weight")]
     adapter_bytes = sum(4 * RANK * (rows + columns) for rows, columns in shapes)
     assert {r["sync_bytes"] for r in metrics} == {adapter_bytes} and adapter_bytes < model_bytes / 10
-    # Had an engine sampled a run's prompts with the other run's adapter (or none), the learner's log-probs
-    # of the sampled tokens would differ from the sampler's by about the runs' KL, not by rounding.
+    # Had an engine sampled a run's prompts with the other run's adapter (or none, or on the wrong base after
+    # the resume), the learner's log-probs of the sampled tokens would differ from the sampler's by about the
+    # runs' KL, not by rounding.
     assert max(r["drift_max"] for r in metrics) < 1e-4
     assert any(r["kl"] > 0.01 for r in metrics)  # the adapters did move the policies apart from the anchor
     samples = pq.read_table(lora_run / "samples").to_pylist()
-    base = {1: 0, 2: 3}  # the version of θ_init of iteration i: 2 steps per iteration
     assert {(s["iteration"], s["step"], s["version"]) for s in samples} == {
-        (i, t, base[i] + t) for i in (1, 2) for t in (0, 1)
-    }
+        (i, t, BASE[i] + t) for i in (1, 2) for t in range(STEPS[i - 1])
+    }  # on-policy before and after the resume
 
 
 def test_a_runs_policy_is_its_saved_adapter_on_its_iterations_init(lora_run: Path, tiny_model_dir: Path) -> None:
