@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from warp_rlhf.config import Config, load_config
+from warp_rlhf.config import ActorsConfig, Config, load_config
 from warp_rlhf.data import load_prompts
 from warp_rlhf.outputs import RunDir, is_complete_checkpoint, write_parquet_atomic
 
@@ -128,6 +128,17 @@ def liti_family(sft: dict, slerp: dict, eta: float) -> dict:
     return {name: add_task_vectors(t, [slerp[name]], [eta]) for name, t in sft.items()}
 
 
+def eval_shape(cfg: Config) -> tuple[ActorsConfig, Config]:
+    """The evaluation's engines and the one-run config that places them.
+
+    The training's engine slots are free during evaluation: one pool of full-model engines (no LoRA slots,
+    every candidate is a merged checkpoint) uses them all, K per run, or K when the runs shared their engines.
+    """
+    runs = 1 if cfg.actors.share_engines else cfg.warp.runs
+    engines = replace(cfg.actors, engines_per_run=cfg.actors.engines_per_run * runs, share_engines=False)
+    return engines, replace(cfg, actors=engines, warp=replace(cfg.warp, runs=1))
+
+
 def evaluate(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> pa.Table:
     """Evaluate every model of the run; writes pareto.parquet and pareto.png; returns the table."""
     import ray
@@ -146,9 +157,7 @@ def evaluate(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     prompts = load_prompts(cfg.data.eval, cfg.data.prompt_column, "eval")
     prompts = prompts[: cfg.eval.max_prompts or None]
     reward = None if cfg.reward.remote else make_reward(cfg.reward)  # a bad reward fails before Ray starts
-    # The M runs' engine slots are free during evaluation: one pool uses them all.
-    engines = replace(cfg.actors, engines_per_run=cfg.actors.engines_per_run * cfg.warp.runs)
-    shape = replace(cfg, actors=engines, warp=replace(cfg.warp, runs=1))
+    engines, shape = eval_shape(cfg)
     specs = [spec for spec in group_specs(shape, []) if spec.role in ("engine", "reward")]
     started = connect(cfg, specs)
     placement = pool = None

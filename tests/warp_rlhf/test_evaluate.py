@@ -162,3 +162,18 @@ def test_eval_sampler_and_kl_follow_the_overrides(run_dir: Path) -> None:
     assert "sampled at temperature 1, top-k off" in stdout
     assert front[0]["kl"] == 0.0 and front[1]["kl"] > 0
     assert {k: front[3][k] for k in ("reward", "kl")} == {k: front[1][k] for k in ("reward", "kl")}
+
+
+@pytest.mark.parametrize(("shared", "engines"), [(False, 4), (True, 2)])
+def test_eval_uses_the_trainings_engine_slots_as_full_model_engines(shared: bool, engines: int) -> None:
+    """K engines per run (K in all when the runs shared them), placed as one run's, with no LoRA slots."""
+    from warp_rlhf.config import config_from_dict
+    from warp_rlhf.evaluate import eval_shape
+    from warp_rlhf.placement import group_specs
+
+    lora = ["learners.lora.rank=8", f"actors.share_engines={str(shared).lower()}"]
+    cfg = config_from_dict({}, ["actors.engines_per_run=2", "warp.runs=2", *lora])
+    actors, shape = eval_shape(cfg)
+    assert actors.engines_per_run == engines and not actors.share_engines
+    names = [spec.name for spec in group_specs(shape, []) if spec.role == "engine"]
+    assert names == [f"run-1/engine-{k}" for k in range(1, engines + 1)]  # what evaluate() asks the placement for
