@@ -14,7 +14,7 @@ of the model, and the anchor's forward is the policy's with other factors swappe
 need a dense fp32 matrix per target, the memory LoRA is chosen to save. ``tests/learners/test_lora.py``
 checks the rule and how far apart the two are.
 
-Imports torch (through learners.anchor) and peft lazily; never Ray, vLLM or DeepSpeed.
+Imports torch; peft lazily; never Ray, vLLM or DeepSpeed.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from learners.anchor import EmaAnchor, _check_mu, held_bytes
 from learners.objective import sequence_logprobs
 
 if TYPE_CHECKING:
-    import torch
-
     from warp_rlhf.config import LoraConfig
 
 ADAPTER = "default"  # peft's name for a model's single adapter
@@ -86,8 +86,6 @@ def merged_parameters(
     a bf16 model); ``dtype`` is the dtype of every weight yielded (default: the base weights'). The sum is
     formed in fp32; untouched weights in their own dtype are yielded as they are (zero-copy).
     """
-    import torch
-
     layers = lora_layers(model)
     for name, param in model.named_parameters():
         if is_adapter(name):
@@ -106,8 +104,6 @@ def merged_parameters(
 
 def load_base(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Frozen weights ← ``state`` (HF names, every one of them); the adapter is left as it is."""
-    import torch
-
     own = {hf_name(name): p for name, p in model.named_parameters() if not is_adapter(name)}
     missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or extra:
@@ -120,8 +116,6 @@ def load_base(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None
 def reset_adapter(model: torch.nn.Module, generator: torch.Generator) -> None:
     """A ← peft's default init (Kaiming-uniform, a = √5) drawn from ``generator``, B ← 0: the policy is θ_init."""
     import math
-
-    import torch
 
     with torch.no_grad():
         for layer in lora_layers(model).values():
@@ -160,8 +154,6 @@ class AdapterAnchor(EmaAnchor):
     @contextmanager
     def swapped_in(self) -> Iterator[None]:
         """The policy module holds the anchor's factors (rounded to the model dtype) inside the block."""
-        import torch
-
         if self.fixed:  # θ_init: the adapter switched off
             with self.policy.disable_adapter():
                 yield
@@ -185,8 +177,6 @@ class AdapterAnchor(EmaAnchor):
         temperature: float = 1.0,
     ) -> torch.Tensor:
         """log π_ema(y|x) (B,): the policy's forward with the anchor's factors."""
-        import torch
-
         with torch.no_grad(), self.swapped_in():
             return sequence_logprobs(self.policy, input_ids, attention_mask, completion_mask, temperature)
 

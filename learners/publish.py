@@ -4,7 +4,7 @@ Owns :class:`Broadcaster`, held by every LearnerRank: on rank 0 it opens the bro
 address of rank 0's own node and streams the full parameters bucket by bucket as they are read
 (gathered one tensor at a time under ZeRO-3); on the other ranks it only takes part in the gathers.
 The wire protocol itself is :mod:`actors.broadcast` (a contract shared with the engines' workers).
-Imports torch lazily; never Ray or vLLM.
+Imports torch (through learners.lora, whose parameter names it sends); never Ray or vLLM.
 """
 
 from __future__ import annotations
