@@ -1,7 +1,9 @@
 """The smoke config through the CLI, with real Ray, vLLM and DeepSpeed: contract, merge maths, serving.
 
-The module's run trains in bfloat16 (the demo's dtype on CPUs that compute it natively): train → merge →
-eval in bf16, with the runs' final policies saved as their fp32 master weights.
+The run is the session's `stopped_run` (tests/warp_rlhf/conftest.py): the smoke config with 10 steps per
+iteration, stopped three ways and resumed to the end, so everything here also holds for a run that went
+through a killed learner and two Ctrl-Cs. It trains in bfloat16 (the demo's dtype on CPUs that compute it
+natively): train → merge → eval in bf16, with the runs' final policies saved as their fp32 master weights.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from tests.warp_rlhf.conftest import POLICY_EVERY, STEPS, StopChain
 from warp_rlhf.outputs import RunDir
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,12 +31,9 @@ def _warp(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("smoke") / "run"
-    result = _warp("train", "--config", "configs/smoke.yaml", "model.dtype=bfloat16", "output.policy_every=1",
-                   f"output.dir={out}")  # fmt: skip
-    assert result.returncode == 0, result.stderr[-4000:]
-    return out
+def smoke_run(stopped_run: StopChain) -> Path:
+    assert stopped_run.finished.returncode == 0, stopped_run.finished.stderr[-4000:]
+    return stopped_run.out
 
 
 def test_output_contract(smoke_run: Path) -> None:
@@ -48,24 +48,24 @@ def test_output_contract(smoke_run: Path) -> None:
                 assert (ckpt / name).is_file(), ckpt / name
     metrics = pq.read_table(smoke_run / "metrics.parquet").to_pylist()
     keys = {(r["iteration"], r["run"], r["step"]) for r in metrics}
-    assert keys == {(i, m, t) for i in (1, 2) for m in (1, 2) for t in (0, 1)}
+    assert keys == {(i, m, t) for i in (1, 2) for m in (1, 2) for t in range(STEPS)}
     for column in ("reward", "kl", "loss", "entropy", "completion_tokens", "generate_s", "learn_s", "sync_s"):
         assert column in metrics[0], column
     # The weight-sync health check: the learner's per-token log-probs against the sampler's, every step.
     assert all(0 <= r["drift_mean"] <= r["drift_max"] < 1.0 for r in metrics)
     samples = pq.read_table(smoke_run / "samples").to_pylist()  # a directory of Parquet parts
-    assert len(samples) == 2 * 2 * 2 * 4 * 2  # iterations × runs × steps × prompts × samples
+    assert len(samples) == 2 * 2 * STEPS * 4 * 2  # iterations × runs × steps × prompts × samples
     assert all(s["reward"] is not None for s in samples)
     assert list((smoke_run / "tensorboard").glob("events.out.tfevents.*"))
     assert not (smoke_run / "state" / "iter-1").exists()  # step state is dropped once merged
-    # output.policy_every = 1: every run's policy after each step but the last (that one is iter-<i>/run-<m>).
+    # output.policy_every = 5 of 10 steps: each run's policy after step 5 (after step 10: iter-<i>/run-<m>).
     for i in (1, 2):
-        assert [(m, t) for m, t, _ in RunDir(smoke_run).snapshots(i)] == [(1, 1), (2, 1)]
+        assert [(m, t) for m, t, _ in RunDir(smoke_run).snapshots(i)] == [(1, POLICY_EVERY), (2, POLICY_EVERY)]
 
 
 def test_every_rollout_is_on_policy(smoke_run: Path) -> None:
     """Step t of iteration i samples with weights version base(i) + t; step 0's KL is 0 (anchor = policy = θ_init)."""
-    steps = {1: 2, 2: 2}
+    steps = {1: STEPS, 2: STEPS}
     base = {i: sum(steps[k] for k in range(1, i)) + i - 1 for i in steps}
     samples = pq.read_table(smoke_run / "samples").to_pylist()
     assert {(s["iteration"], s["step"], s["version"]) for s in samples} == {
@@ -119,20 +119,22 @@ def test_final_checkpoints_load_in_vllm(smoke_run: Path) -> None:
     assert counts == ["5", "5"], result.stdout[-2000:]
 
 
-def test_eval_writes_the_pareto_front(smoke_run: Path) -> None:
-    result = _warp("eval", "--run", str(smoke_run))
+def test_eval_writes_the_pareto_front_sampled_as_overridden(smoke_run: Path) -> None:
+    """The run's models, snapshots and LITI family, sampled as `eval.*` overrides say instead of as the run's
+    actors did (the run's own settings as the default: tests/warp_rlhf/test_evaluate.py)."""
+    result = _warp("eval", "--run", str(smoke_run), "eval.temperature=1.0", "eval.top_k=-1")
     assert result.returncode == 0, result.stderr[-4000:]
     front = pq.read_table(smoke_run / "pareto.parquet").to_pylist()
+    assert {(r["temperature"], r["top_k"]) for r in front} == {(1.0, -1)}
+    assert "sampled at temperature 1, top-k off" in result.stdout
     labels = [r["model"] for r in front]
-    runs = {i: [f"iter-{i}/run-{m}@{t}" for m in (1, 2) for t in (1, 2)] for i in (1, 2)}  # snapshot, then final
+    # each run's snapshot, then its final policy
+    runs = {i: [f"iter-{i}/run-{m}@{t}" for m in (1, 2) for t in (POLICY_EVERY, STEPS)] for i in (1, 2)}
     assert labels[:13] == ["sft", "iter-1/slerp", "iter-1/init", *runs[1], "iter-2/slerp", "iter-2/init", *runs[2]]
     assert sum(r["kind"] == "liti" for r in front) == 5
     steps = {r["model"]: (r["run"], r["step"]) for r in front if r["kind"] == "policy"}
-    assert steps["iter-2/run-2@1"] == (2, 1) and steps["iter-2/run-2@2"] == (2, 2)
+    assert steps[f"iter-2/run-2@{POLICY_EVERY}"] == (2, POLICY_EVERY) and steps[f"iter-2/run-2@{STEPS}"] == (2, STEPS)
     sft = front[0]
     assert sft["kl"] == pytest.approx(0.0, abs=1e-6)  # θ_sft against itself
     assert (smoke_run / "pareto.png").stat().st_size > 10_000
     assert "iter-2/init" in result.stdout
-
-
-# Stopping and resuming a run, every way it can stop: tests/warp_rlhf/test_stops.py.
