@@ -26,7 +26,7 @@ import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +34,9 @@ import pyarrow as pa
 from warp_rlhf.config import ActorsConfig, Config, load_config
 from warp_rlhf.data import load_prompts
 from warp_rlhf.outputs import RunDir, is_complete_checkpoint, write_parquet_atomic
+
+if TYPE_CHECKING:
+    from warp_rlhf.placement import GroupSpec
 
 log = logging.getLogger("warp_rlhf")
 
@@ -139,14 +142,20 @@ def eval_shape(cfg: Config) -> tuple[ActorsConfig, Config]:
     return engines, replace(cfg, actors=engines, warp=replace(cfg.warp, runs=1))
 
 
+def eval_specs(cfg: Config) -> list[GroupSpec]:
+    """The placement groups an evaluation of a run of ``cfg`` asks for: its engines and the reward model's."""
+    from warp_rlhf.placement import group_specs
+
+    return [spec for spec in group_specs(eval_shape(cfg)[1], []) if spec.role in ("engine", "reward")]
+
+
 def evaluate(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> pa.Table:
     """Evaluate every model of the run; writes pareto.parquet and pareto.png; returns the table."""
     import ray
     from tqdm import tqdm
 
     from actors import ActorPool, make_reward, score_rollouts
-    from warp_rlhf.cluster import RunPlacement, connect
-    from warp_rlhf.placement import group_specs
+    from warp_rlhf.cluster import RunPlacement, connect, shutdown
 
     out = RunDir(Path(run_dir))
     if not out.config.is_file():
@@ -157,8 +166,7 @@ def evaluate(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     prompts = load_prompts(cfg.data.eval, cfg.data.prompt_column, "eval")
     prompts = prompts[: cfg.eval.max_prompts or None]
     reward = None if cfg.reward.remote else make_reward(cfg.reward)  # a bad reward fails before Ray starts
-    engines, shape = eval_shape(cfg)
-    specs = [spec for spec in group_specs(shape, []) if spec.role in ("engine", "reward")]
+    engines, specs = eval_shape(cfg)[0], eval_specs(cfg)
     started = connect(cfg, specs)
     placement = pool = None
     try:
@@ -199,7 +207,7 @@ def evaluate(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         if placement is not None:
             placement.remove()
         if started:
-            ray.shutdown()
+            shutdown()
     result = pa.Table.from_pylist(rows)
     write_parquet_atomic(out.root / "pareto.parquet", result)
     plot_pareto(result, out.root / "pareto.png")

@@ -326,7 +326,7 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
     from tqdm import tqdm
 
     from merger import MergerService, load_flat
-    from warp_rlhf.cluster import RunPlacement, check_fits, connect
+    from warp_rlhf.cluster import RunPlacement, check_fits, connect, owns_ray, shutdown
 
     out = RunDir(Path(cfg.output.dir))
     startup = StartupTimes(out.root / "startup.json")
@@ -346,7 +346,8 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
     signals = StopOnSignal(threading.Event())
     signals.install()
     with startup.phase("Ray"):
-        started = signals.ray_started = connect(cfg)
+        started = connect(cfg)
+    signals.ray_started = owns_ray()  # a second Ctrl-C kills the instance's processes if this process started it
     signals.install()  # again: ray.init installs its own SIGTERM handler
     placement = trainer = progress = None
     try:
@@ -388,7 +389,7 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
             if placement is not None:
                 placement.remove()
             if started:
-                ray.shutdown()
+                shutdown()
         signals.restore()
     return out.root
 

@@ -193,7 +193,8 @@ def check_inputs(found: list[Member]) -> list[Member]:
 
 def run_study(spec: Spec, extra: tuple[str, ...] = (), command: str = "") -> Path:
     """Train, merge and evaluate every member that is not done yet; then gather and report. Returns the directory."""
-    from warp_rlhf.evaluate import evaluate
+    from warp_rlhf.cluster import shared_local_ray
+    from warp_rlhf.evaluate import eval_specs, evaluate
     from warp_rlhf.loop import train
 
     began = time.perf_counter()
@@ -201,7 +202,10 @@ def run_study(spec: Spec, extra: tuple[str, ...] = (), command: str = "") -> Pat
     spec.dir.mkdir(parents=True, exist_ok=True)
     write_atomic(spec.dir / "spec.yaml", yaml.safe_dump(_spec_record(spec, extra), sort_keys=False))
     times = Times(spec.dir / "times.json")
-    with times.phase(WHOLE, "wall_s"):
+    # The Ray work still to do, on one local instance rather than one per train and eval.
+    ray_work = [(m.cfg, None) for m in found if m.out.completed_iterations() < m.cfg.warp.iterations]
+    ray_work += [(m.cfg, eval_specs(m.cfg)) for m in found if not evaluated(m.out, m.cfg)]
+    with times.phase(WHOLE, "wall_s"), shared_local_ray(ray_work):
         for n, member in enumerate(found, start=1):
             cfg, out = member.cfg, member.out
             log.info("study: %s (%d of %d)", member.key, n, len(found))

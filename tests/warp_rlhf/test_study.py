@@ -79,6 +79,8 @@ def test_the_smoke_study_trains_merges_evaluates_and_reports_then_resumes_withou
     out = tmp_path / "study"
     result = _study(out)
     assert result.returncode == 0, result.stderr[-4000:]
+    # Both arms trained and evaluated on one local Ray instance, not one per train and eval.
+    assert result.stderr.count("Started a local Ray instance") == 1, result.stderr[-4000:]
     rows = pq.read_table(out / "study.parquet").to_pylist()
     for column in ("arm", "seed", "model", "kind", "eta", "step", "reward", "reward_se", "kl", "kl_se",
                    "train_samples", "anchor", "beta"):  # fmt: skip
