@@ -322,12 +322,6 @@ class Trainer:
 
 def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
     """Run WARP as configured; returns the output directory."""
-    import ray
-    from tqdm import tqdm
-
-    from merger import MergerService, load_flat
-    from warp_rlhf.cluster import RunPlacement, check_fits, connect, owns_ray, shutdown
-
     out = RunDir(Path(cfg.output.dir))
     startup = StartupTimes(out.root / "startup.json")
     cfg, why = resolve_dtype(cfg, recorded_dtype(out) if resume else None)
@@ -340,6 +334,13 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
     cfg = resolved(cfg, sft_dir)
     done = prepare_run_dir(out, cfg, resume=resume, force=force)
     report_merge_failure(out)
+    # Only now, with the input checked: Ray and torch take seconds to import, a bad input's error does not.
+    import ray
+    from tqdm import tqdm
+
+    from merger import MergerService, load_flat
+    from warp_rlhf.cluster import RunPlacement, check_fits, connect, owns_ray, shutdown
+
     log.info("outputs: %s (θ_sft = %s, model.dtype = %s: %s)", out.root.resolve(), sft_dir, cfg.model.dtype, why)
     if warning := emulated_warning(cfg):
         log.warning(warning)

@@ -68,8 +68,14 @@ def test_train_refuses_bad_input_before_any_work(
     out = tmp_path / "run"
     args = ["train", "--config", "configs/smoke.yaml", f"output.dir={out}", *override.format(tmp=tmp_path).split()]
     root = Path(__file__).resolve().parents[2]
-    result = subprocess.run([sys.executable, "-m", "warp_rlhf", *args], capture_output=True, text=True, cwd=root)
+    # `warp-rlhf train ARGS`, then which of the slow-to-import packages it had imported by then
+    code = (
+        "import sys; from warp_rlhf.cli import main; rc = main(sys.argv[1:]); "
+        "print(sorted({'torch', 'ray', 'vllm', 'deepspeed', 'transformers'} & set(sys.modules))); sys.exit(rc)"
+    )
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=root)
     assert result.returncode == 2
     assert fragment.format(tmp=tmp_path) in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not out.exists()  # nothing half-written
+    assert result.stdout.strip() == "[]"  # the error came before the seconds that importing those takes
