@@ -5,29 +5,21 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
+from tests.warp_rlhf.conftest import Train, checkpointed_step
 from tests.warp_rlhf.test_serve import _greedy_reference, served
 from warp_rlhf.outputs import RunDir
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 RANK = 4
 
 
 STEPS = (10, 2)  # iteration 1 long enough to be stopped part-way through
 BASE = {1: 0, 2: STEPS[0] + 1}  # the weights version of θ_init of iteration i
-
-
-def _progress(out: Path, run: int) -> int:
-    path = out / "state" / "iter-1" / f"run-{run}" / "progress.json"
-    return json.loads(path.read_text())["step"] if path.is_file() else 0
 
 
 @pytest.fixture(scope="module")
@@ -38,21 +30,19 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     args = ["train", "--config", "configs/smoke.yaml", f"output.dir={out}", f"learners.lora.rank={RANK}",
             "learners.lora.alpha=8", "learners.lr=1e-2", "actors.share_engines=true",
             f"warp.steps=[{STEPS[0]},{STEPS[1]}]"]  # fmt: skip
-    command = [sys.executable, "-m", "warp_rlhf", *args]
-    first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)  # fmt: skip
+    started: list[Train] = []
     try:
-        deadline = time.monotonic() + 600
-        while first.poll() is None and _progress(out, 1) < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        first.send_signal(signal.SIGINT)  # every run stops at its next step boundary and checkpoints
-        _, stderr = first.communicate(timeout=300)
+        started.append(first := Train(args))
+        first.wait_for(out, {1: 2})
+        first.process.send_signal(signal.SIGINT)  # every run stops at its next step boundary and checkpoints
+        stopped = first.finish(timeout=300)  # a hang fails with the tail of train's stderr
+        assert stopped.returncode == 130, stopped.stderr[-4000:]
+        assert 2 <= checkpointed_step(out, 1) < STEPS[0], "the stop was to land part-way through iteration 1"
+        started.append(second := Train([*args, "--resume"]))
+        resumed = second.finish(timeout=600)
     finally:
-        if first.poll() is None:
-            first.kill()
-    assert first.returncode == 130, stderr[-4000:]
-    assert 2 <= _progress(out, 1) < STEPS[0], "the stop was to land part-way through iteration 1"
-    resumed = subprocess.run([*command, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+        for train in started:
+            train.kill()
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "run 1 of iteration 1 resumes at step" in resumed.stderr
     return out
