@@ -43,7 +43,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-# The whole suite, slow tests included: 53 min from a fresh clone on a 2-core CPU without native bf16 (README, Tests).
+# The whole suite, slow tests included: about 45 min from a fresh clone on a 2-core CPU without native bf16 (README, Tests).
 test: install lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
