@@ -4,9 +4,9 @@ The driver joins an existing cluster when ``resources.address`` or ``$RAY_ADDRES
 submit`` sets it), and starts a local one otherwise, unless it is connected already (a study runs all
 its trains and evaluations on one local instance: :func:`shared_local_ray`). Before any actor starts,
 the run's placement (:mod:`warp_rlhf.placement`, the same model ``warp-rlhf plan`` prints) is checked
-against the live nodes: a cluster that cannot hold the run is an error naming the group that does not fit, instead of
-actors waiting forever for resources. Then every learner, engine, the remote reward model and the
-merger get a Ray placement group, all removed when the run ends or fails.
+against the live nodes: a cluster that cannot hold the run is an error naming the group that does not
+fit, instead of actors waiting forever for resources. Then every learner, engine, the remote reward
+model and the merger get a Ray placement group, all removed when the run ends or fails.
 """
 
 from __future__ import annotations
