@@ -31,7 +31,7 @@ import pyarrow as pa
 import torch
 
 from actors.rollout import ROLLOUT_SCHEMA, to_tensors
-from learners.objective import advantages, kl_shaped_reward, reinforce_loss, sequence_logprobs
+from learners.objective import advantages, attention_for, kl_shaped_reward, reinforce_loss, sequence_logprobs
 from learners.timing import Phases
 from warp_rlhf.config import LearnersConfig
 from warp_rlhf.models import resolve_model
@@ -70,8 +70,10 @@ class PlainStep:
     ) -> None:
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
-        self.anchor = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+        cpu = torch.device("cpu")
+        load = dict(dtype=getattr(torch, dtype), attn_implementation=attention_for(cpu))  # as the learner loads it
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, **load)
+        self.anchor = AutoModelForCausalLM.from_pretrained(model_dir, **load).eval()
         fp32_master = fp32_master and dtype != "float32"
         self.anchor.requires_grad_(False)
         self.ema = [p.detach().float() for p in self.anchor.parameters()]

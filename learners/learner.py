@@ -38,7 +38,14 @@ from learners.distributed import (
     master_parameters,
     zero3,
 )
-from learners.objective import add_drift, advantages, kl_shaped_reward, reinforce_loss, sequence_logprobs_and_entropy
+from learners.objective import (
+    add_drift,
+    advantages,
+    attention_for,
+    kl_shaped_reward,
+    reinforce_loss,
+    sequence_logprobs_and_entropy,
+)
 from learners.publish import Broadcaster
 from learners.state import load_rank_state, save_rank_state
 from learners.timing import Phases
@@ -101,7 +108,8 @@ class LearnerRank:
         self.device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
         torch.manual_seed(seed)  # the same on every rank: nothing here may differ between replicas
 
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
+                                                     attn_implementation=attention_for(self.device))  # fmt: skip
         self.pad_id = int(model.config.pad_token_id or 0)  # any id works: padding is masked out
         self.seed, self.lora = seed, cfg.lora.enabled
         if self.lora:  # only the adapter trains; the anchor is an adapter on the same frozen base

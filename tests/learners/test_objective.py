@@ -20,15 +20,35 @@ from learners.objective import (
 from warp_rlhf.config import ConfigError, LearnersConfig
 
 
-class Bigram(torch.nn.Module):
-    """logits[b, t] = W[input_ids[b, t]]: a policy whose REINFORCE gradient can be written by hand."""
+class Rows(torch.nn.Module):
+    """An output head: one-hot hidden states (..., V) → rows of W (..., V)."""
 
-    def __init__(self, vocab: int = 6, seed: int = 0) -> None:
+    def __init__(self, vocab: int, seed: int) -> None:
         super().__init__()
         self.table = torch.nn.Parameter(torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(seed)))
 
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden @ self.table
+
+
+class Bigram(torch.nn.Module):
+    """logits[b, t] = W[input_ids[b, t]]: a policy whose REINFORCE gradient can be written by hand, its logits
+    made by an output head as a causal LM's are."""
+
+    def __init__(self, vocab: int = 6, seed: int = 0) -> None:
+        super().__init__()
+        self.head = Rows(vocab, seed)
+
+    @property
+    def table(self) -> torch.nn.Parameter:
+        return self.head.table
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.head
+
     def forward(self, input_ids, attention_mask=None, use_cache=False):
-        return SimpleNamespace(logits=self.table[input_ids])
+        one_hot = torch.nn.functional.one_hot(input_ids, self.table.shape[0]).to(self.table.dtype)  # (B, L, V)
+        return SimpleNamespace(logits=self.head(one_hot))
 
 
 def toy_batch():
@@ -46,6 +66,35 @@ def test_sequence_logprobs_sum_teacher_forced_completion_tokens():
     table = torch.log_softmax(model.table.detach(), -1)
     expected = [sum(float(table[ids[b, t - 1], ids[b, t]]) for t in range(1, 4) if completion[b, t]) for b in range(4)]
     torch.testing.assert_close(logp.detach(), torch.tensor(expected))
+
+
+def test_only_completion_positions_reach_the_output_head_of_a_real_model(tiny_model_dir):
+    """The head maps the N scored positions alone, and log-probs, entropy and gradients equal those computed
+    from the model's full (B, L, V) logits."""
+    from transformers import AutoModelForCausalLM
+
+    from learners.objective import token_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="eager")
+    ids, attention, completion = toy_batch()
+    ids = ids + 40  # ordinary tokens of the tiny tokenizer
+    seen = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape))
+    logp, entropy, _ = sequence_logprobs_and_entropy(model, ids, attention, completion, temperature=0.7)
+    handle.remove()
+    scored = completion[:, 1:]
+    assert seen == [torch.Size([int(scored.sum()), model.config.hidden_size])]
+    (grad,) = torch.autograd.grad(logp.sum(), model.model.embed_tokens.weight)
+
+    full = model(input_ids=ids, attention_mask=attention).logits  # (B, L, V)
+    token_logp, token_entropy = token_logprobs(full[:, :-1][scored], ids[:, 1:][scored], 0.7)
+    rows = torch.nonzero(scored, as_tuple=True)[0]
+    expected = torch.zeros(4).index_add(0, rows, token_logp)
+    torch.testing.assert_close(logp, expected)
+    torch.testing.assert_close(entropy, torch.zeros(4).index_add(0, rows, token_entropy) / scored.sum(-1))
+    (expected_grad,) = torch.autograd.grad(expected.sum(), model.model.embed_tokens.weight)
+    torch.testing.assert_close(grad, expected_grad)
+    assert not model.get_output_embeddings()._forward_pre_hooks  # the hook is gone after the forward
 
 
 def test_entropy_is_mean_token_entropy_of_the_completion():
