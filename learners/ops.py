@@ -48,8 +48,28 @@ def ops_loading() -> Iterator[Path]:
     """The block loads DeepSpeed's ops: from ``extensions_dir()``, with stale build locks removed meanwhile."""
     directory = extensions_dir()
     os.environ["TORCH_EXTENSIONS_DIR"] = str(directory)  # torch reads it when it builds or loads
+    use_environments_ninja()
     with stale_build_locks_cleared():
         yield directory
+
+
+def use_environments_ninja() -> None:
+    """Put this Python environment's ninja (the ``ninja`` package DeepSpeed depends on) first on PATH.
+
+    torch runs whichever ``ninja`` PATH finds first to decide whether a cached op is up to date, and ninja
+    versions record a build's command differently in ``.ninja_log``: a process that finds the system's
+    ninja (PATH without the environment's bin directory, as under ``make``) and one that finds the
+    environment's (an activated environment, ``ray job submit``, Ray's workers on a cluster) each decided
+    that the other's build was stale and rebuilt the op, a minute of two cores inside a learner's start-up,
+    twice per test suite. One ninja for every process makes the cached op load instead.
+    """
+    try:
+        import ninja
+    except ImportError:  # torch falls back to the system's ninja, as before
+        return
+    path = os.environ.get("PATH", "")
+    if not path.startswith(ninja.BIN_DIR + os.pathsep):
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
 
 
 @contextmanager

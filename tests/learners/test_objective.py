@@ -264,3 +264,22 @@ def test_compiled_ops_live_in_their_own_python_environment(monkeypatch):
         assert os.environ["TORCH_EXTENSIONS_DIR"] == str(directory)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/elsewhere")
     assert extensions_dir() == Path("/elsewhere")  # the user's choice wins
+
+
+def test_every_process_decides_with_the_environments_ninja_whether_the_op_is_built(monkeypatch):
+    """A process whose PATH finds the system's ninja and one that finds the environment's (an activated
+    environment, `ray job submit`) each took the other's build for stale and rebuilt the op (a minute)."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    import ninja
+
+    from learners.ops import ops_loading
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    with ops_loading():
+        assert shutil.which("ninja") == str(Path(ninja.BIN_DIR) / "ninja")
+    first = os.environ["PATH"]
+    with ops_loading():  # once is enough: PATH does not grow
+        assert os.environ["PATH"] == first
