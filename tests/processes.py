@@ -1,7 +1,9 @@
-"""Finding the processes a test started, through a marker in their environment (every child inherits it)."""
+"""Finding the processes a test started, through a marker in their environment (every child inherits it), and
+shared memory that no process holds any more."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -27,3 +29,29 @@ def left_over(marker: str, grace_s: float = 15.0) -> dict[int, str]:
     while (left := processes_with(marker)) and time.monotonic() < deadline:
         time.sleep(0.5)
     return left
+
+
+def unheld_shm(since: float, root: Path = Path("/dev/shm")) -> list[str]:
+    """Entries of ``root`` created at or after ``since`` (a ``time.time()``) that no live process has open or
+    mapped: leaked segments. Another test's segments in use (tests run side by side) are held, so not counted."""
+    fresh = {}
+    for entry in root.iterdir():
+        try:
+            info = entry.lstat()
+        except OSError:  # removed meanwhile
+            continue
+        if info.st_ctime >= since:
+            fresh[str(entry)] = entry.name
+    if not fresh:
+        return []
+    held = set()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            held |= {line.split(maxsplit=5)[-1] for line in (proc / "maps").read_text().splitlines() if "/" in line}
+            fds = list((proc / "fd").iterdir())
+        except OSError:  # exited meanwhile, or not ours to read
+            continue
+        for fd in fds:
+            with contextlib.suppress(OSError):  # closed meanwhile (the listing's own descriptor among them)
+                held.add(os.readlink(fd))
+    return sorted(name for path, name in fresh.items() if path not in held and Path(path).exists())

@@ -6,15 +6,20 @@ Run by test_lifecycle.py as ``python -m tests.actors.engine_cycle MODEL_DIR CYCL
 from __future__ import annotations
 
 import json
-import os
 import sys
+import time
+
+STARTED = time.time()
 
 
 def _state() -> dict:
+    """This process's children, and the shared memory created since it started that nothing holds (leaked)."""
     import psutil
 
+    from tests.processes import unheld_shm
+
     children = sorted((p.pid, p.name()) for p in psutil.Process().children(recursive=True))
-    return {"children": children, "shm": sorted(os.listdir("/dev/shm"))}
+    return {"children": children, "shm": unheld_shm(since=STARTED)}
 
 
 def main(model_dir: str, cycles: int, multiprocessing: bool) -> None:

@@ -1,17 +1,17 @@
-"""The session's one trained smoke run: taken through every way a run stops, then finished by `--resume`.
+"""The session's one trained smoke run: stopped two ways, then finished by `--resume`; and `train` as a test runs it.
 
-Each `warp-rlhf train` costs a minute or more of start-up on two cores (Ray, two vLLM engines, two
-DeepSpeed learners), so the suite trains the smoke config once and asks two kinds of questions of it:
-how the stops behaved (tests/warp_rlhf/test_stops.py, from what :class:`StopChain` observed) and whether
-the finished run keeps the output contract, merges exactly and evaluates (test_end_to_end.py, from its
-directory). A run that went through a killed learner and two Ctrl-Cs must be as good as one that did not.
+Each `warp-rlhf train` costs half a minute or more of start-up on two cores (Ray, two vLLM engines, two
+DeepSpeed learners), so the suite trains the smoke config once and asks two kinds of questions of it
+(tests/warp_rlhf/test_end_to_end.py): how the stops behaved (from what :class:`StopChain` observed) and
+whether the finished run keeps the output contract, merges exactly and evaluates (from its directory). A
+run that went through a killed learner and a Ctrl-C must be as good as one that did not. (Ctrl-C twice, the
+hard stop, is the LoRA run's: tests/warp_rlhf/test_lora_runs.py.)
 
 The chain, on one run directory:
 
 1. Run 1's learner rank is SIGKILLed part-way through iteration 1 (its pid from placement.json).
 2. `--resume`, then Ctrl-C once.
-3. `--resume`, then Ctrl-C twice.
-4. `--resume` to the end; then a resume with a changed hyperparameter, which must be refused.
+3. `--resume` to the end; then a resume with a changed hyperparameter, which must be refused.
 
 Each `train` runs in its own session with a marker in its environment, which every process of its Ray
 instance (GCS, raylet, workers, the vLLM engines) inherits, so leftovers can be counted once it exits.
@@ -99,8 +99,7 @@ class StopChain:
     out: Path
     killed: Stage  # 1. a learner SIGKILLed
     interrupted: Stage  # 2. Ctrl-C once
-    quit: Stage  # 3. Ctrl-C twice
-    finished: Stage  # 4. --resume to the end
+    finished: Stage  # 3. --resume to the end
     changed: subprocess.CompletedProcess  # --resume with warp.beta changed
 
 
@@ -132,18 +131,10 @@ def stopped_run(tmp_path_factory: pytest.TempPathFactory) -> StopChain:
         interrupted.steps = {"run 1 after": checkpointed_step(out, 1)}
         interrupted.left_over = left_over(second.marker)
 
-        third = train("--resume")
-        third.wait_for(out, {1: checkpointed_step(out, 1) + 1})
-        third.process.send_signal(signal.SIGINT)
-        time.sleep(0.5)
-        third.process.send_signal(signal.SIGINT)
-        quit_ = third.finish(timeout=30)
-        quit_.left_over = left_over(third.marker, grace_s=30)
-
         finished = train("--resume").finish(timeout=600)
     finally:
         for run in started:
             run.kill()
     changed = subprocess.run([sys.executable, "-m", "warp_rlhf", *args, "--resume", "warp.beta=0.5"], cwd=ROOT,
                              capture_output=True, text=True, timeout=120)  # fmt: skip
-    return StopChain(out, killed, interrupted, quit_, finished, changed)
+    return StopChain(out, killed, interrupted, finished, changed)

@@ -1,9 +1,17 @@
-"""The smoke config through the CLI, with real Ray, vLLM and DeepSpeed: contract, merge maths, serving.
+"""The smoke config through the CLI, with real Ray, vLLM and DeepSpeed: how a run stops, contract, merge maths.
 
 The run is the session's `stopped_run` (tests/warp_rlhf/conftest.py): the smoke config with 10 steps per
-iteration, stopped three ways and resumed to the end, so everything here also holds for a run that went
-through a killed learner and two Ctrl-Cs. It trains in bfloat16 (the demo's dtype on CPUs that compute it
-natively): train → merge → eval in bf16, with the runs' final policies saved as their fp32 master weights.
+iteration, stopped two ways and resumed to the end, one after another on one run directory:
+
+1. A learner dies (SIGKILL): the other run stops within a step (fail-fast), the original error surfaces.
+2. Ctrl-C once: every run stops at its next step boundary, saves, exits 130 with one line saying how to resume.
+3. `--resume` finishes both iterations with every step exactly once, in the run's dtype; a changed
+   hyperparameter is refused.
+
+No process of a stopped `train`'s Ray instance may be left once it has exited. Everything else here also
+holds for a run that went through a killed learner and a Ctrl-C. It trains in bfloat16 (the demo's dtype
+on CPUs that compute it natively): train → merge → eval in bf16, with the runs' final policies saved as
+their fp32 master weights.
 """
 
 from __future__ import annotations
@@ -28,6 +36,47 @@ def _warp(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "warp_rlhf", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )
+
+
+# --- how the chain stopped ----------------------------------------------------------------------------------------
+
+
+def test_a_dead_learner_stops_every_run_within_a_step_with_the_original_error(stopped_run: StopChain) -> None:
+    killed = stopped_run.killed
+    assert killed.returncode not in (0, 130)
+    assert "ActorDiedError" in killed.stderr or "RayActorError" in killed.stderr, killed.stderr[-3000:]
+    # run 2 stopped within a step of run 1's learner dying, and checkpointed where it stood
+    assert killed.steps["run 2 after"] <= killed.steps["run 2 at the kill"] + 2 < STEPS
+    assert not killed.left_over
+
+
+def test_ctrl_c_stops_every_run_at_a_step_boundary_and_says_how_to_resume(stopped_run: StopChain) -> None:
+    stage = stopped_run.interrupted
+    assert stage.returncode == 130, stage.stderr[-3000:]
+    assert "run 2 of iteration 1 resumes at step" in stage.stderr  # this train was itself a resume
+    assert "Traceback" not in stage.stderr, stage.stderr[-3000:]
+    last = stage.stderr.strip().splitlines()[-1]
+    assert last.startswith("warp-rlhf: stopped by SIGINT; state saved in"), last
+    assert "continue with: warp-rlhf train --config configs/smoke.yaml --resume" in last
+    assert not stage.left_over
+    assert stage.steps["run 1 after"] < STEPS
+
+
+def test_resume_finishes_every_step_once_in_the_runs_dtype(stopped_run: StopChain) -> None:
+    out, stage = stopped_run.out, stopped_run.finished
+    assert stage.returncode == 0, stage.stderr[-4000:]
+    keys = sorted((r["iteration"], r["run"], r["step"]) for r in pq.read_table(out / "metrics.parquet").to_pylist())
+    assert keys == [(i, m, t) for i in (1, 2) for m in (1, 2) for t in range(STEPS)]  # nothing twice, none lost
+    assert "dtype: bfloat16" in (out / "config.yaml").read_text()
+    assert json.loads((out / "iter-2" / "init" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_resume_refuses_a_changed_hyperparameter(stopped_run: StopChain) -> None:
+    changed = stopped_run.changed
+    assert changed.returncode == 2 and "warp.beta (0.1 → 0.5)" in changed.stderr, changed.stderr[-2000:]
+
+
+# --- the finished run -----------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")

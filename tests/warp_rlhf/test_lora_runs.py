@@ -1,15 +1,18 @@
-"""LoRA WARP through the CLI with real Ray, vLLM and DeepSpeed: M = 2 runs on one shared engine, stopped and
-resumed, adapter-only sync, merged full checkpoints, saved adapters, and `warp-rlhf serve` of a run's adapter."""
+"""LoRA WARP through the CLI with real Ray, vLLM and DeepSpeed: M = 2 runs on one shared engine, stopped hard
+(Ctrl-C twice) and resumed, adapter-only sync, merged full checkpoints, saved adapters, and `warp-rlhf serve`
+of a run's adapter."""
 
 from __future__ import annotations
 
 import json
 import signal
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
+from tests.processes import left_over
 from tests.warp_rlhf.conftest import Train, checkpointed_step
 from tests.warp_rlhf.test_serve import _greedy_reference, served
 from warp_rlhf.outputs import RunDir
@@ -24,7 +27,8 @@ BASE = {1: 0, 2: STEPS[0] + 1}  # the weights version of θ_init of iteration i
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Trained in two goes: Ctrl-C part-way through iteration 1, then `--resume` to the end. Every test below
+    """Trained in two goes: Ctrl-C twice part-way through iteration 1 (the hard stop: `train` kills its Ray
+    instance at once, so the last step checkpoint is the state), then `--resume` to the end. Every test below
     then also checks that a resumed LoRA run re-syncs the shared engine's base and each run's adapter."""
     out = tmp_path_factory.mktemp("lora") / "run"
     args = ["train", "--config", "configs/smoke.yaml", f"output.dir={out}", f"learners.lora.rank={RANK}",
@@ -34,9 +38,14 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     try:
         started.append(first := Train(args))
         first.wait_for(out, {1: 2})
-        first.process.send_signal(signal.SIGINT)  # every run stops at its next step boundary and checkpoints
-        stopped = first.finish(timeout=300)  # a hang fails with the tail of train's stderr
+        first.process.send_signal(signal.SIGINT)  # the runs start stopping at their next step boundary...
+        time.sleep(0.5)
+        first.process.send_signal(signal.SIGINT)  # ...and the second Ctrl-C quits at once
+        stopped = first.finish(timeout=30)  # a hang fails with the tail of train's stderr
         assert stopped.returncode == 130, stopped.stderr[-4000:]
+        assert "SIGINT again: quitting now" in stopped.stderr, stopped.stderr[-4000:]
+        assert "Traceback" not in stopped.stderr, stopped.stderr[-4000:]
+        assert not left_over(first.marker, grace_s=30)  # no process of its Ray instance survives
         assert 2 <= checkpointed_step(out, 1) < STEPS[0], "the stop was to land part-way through iteration 1"
         started.append(second := Train([*args, "--resume"]))
         resumed = second.finish(timeout=600)
