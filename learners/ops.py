@@ -82,10 +82,14 @@ def stale_build_locks_cleared(max_age_s: float = STALE_AFTER_S, every_s: float =
     soon as the file is gone.
     """
     stop = threading.Event()
+    # Found here, not in the thread: an import in a second thread while the first imports DeepSpeed can
+    # deadlock on the interpreter's import locks (setuptools' distutils hook imports inside find_spec).
+    # It did: a learner hung in init_distributed until it was killed.
+    locks = build_locks()
 
     def watch() -> None:
         while True:
-            for lock in build_locks():
+            for lock in locks:
                 try:
                     age = time.time() - lock.stat().st_mtime
                 except OSError:

@@ -250,6 +250,34 @@ def test_a_stale_op_build_lock_is_removed_while_ops_load(tmp_path, monkeypatch):
     assert not lock.exists()
 
 
+def test_the_lock_watcher_imports_nothing_while_deepspeed_loads(tmp_path):
+    """The watcher thread imported torch.utils.cpp_extension while the learner's main thread imported
+    DeepSpeed's op builders: the two deadlocked on the interpreter's import locks and a learner hung in
+    init_distributed for minutes. A fresh process (nothing imported yet) records every import by thread."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import sys, threading, time
+seen = set()
+class Record:
+    def find_spec(self, name, path=None, target=None):
+        if threading.current_thread() is not threading.main_thread():
+            seen.add((threading.current_thread().name, name))
+        return None
+sys.meta_path.insert(0, Record())
+from learners.ops import stale_build_locks_cleared
+with stale_build_locks_cleared(every_s=0.01):
+    time.sleep(0.5)
+print(sorted(seen))
+"""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+
+
 def test_compiled_ops_live_in_their_own_python_environment(monkeypatch):
     """Two clones, each with its .venv, must not share (and rebuild in turn) one op build directory."""
     import os
