@@ -47,12 +47,16 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-# The whole suite, slow tests included: about 45 min from a fresh clone on a 2-core CPU without native bf16 (README, Tests).
+# The whole suite, slow tests included (README, Tests). Most of its time is processes starting (Ray, vLLM engines,
+# DeepSpeed learners) one after another, so two workers run whole test modules side by side (--dist loadscope: a
+# module's fixtures stay in one process). WORKERS=0 runs everything in this process.
+WORKERS ?= 2
+XDIST := $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadscope)
 test: install lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: install lint
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 # Trains the CPU demo (resuming it if interrupted; a finished run is not trained again), then evaluates it.
 DEMO_DIR ?= runs/demo

@@ -24,7 +24,20 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+# The modules that take longest (each trains through the CLI or starts a cluster: minutes), longest first.
+# `make test` runs two pytest-xdist workers that take whole modules (--dist loadscope) in collection order, a
+# couple at a time: starting these first keeps one of them from running alone at the end.
+LONGEST_FIRST = (
+    "tests/warp_rlhf/test_cluster.py",
+    "tests/warp_rlhf/test_end_to_end.py",
+    "tests/warp_rlhf/test_study.py",
+    "tests/warp_rlhf/test_lora_runs.py",
+)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep their order
     gpu_items = [item for item in items if "gpu" in item.keywords]
     if gpu_items and not _has_cuda():
         skip = pytest.mark.skip(reason="needs a CUDA GPU; none found")
