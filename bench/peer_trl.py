@@ -15,13 +15,13 @@ advantages nearly cancel within a group) while its gradient is not: grad_norm > 
 
 The same in both, taken from configs/demo.yaml and the project's own code: θ_sft from
 ``resolve_model("smollm2-135m", dtype)`` in that dtype; the packaged training prompts (``load_prompts``);
-8 prompts × 4 samples per step (32 completions), at most 24 new tokens, stopping at end of sequence,
+8 prompts × 4 samples per step (32 completions), at most 16 new tokens, stopping at end of sequence,
 temperature 0.9, top-k 50; the VADER reward of actors/rewards.py on the completion; the sequence-level
 KL-shaped reward r − β(log π_T − log π_ref,T) with β = 0.05 and log-probs at the sampling temperature;
 the RLOO leave-one-out baseline, no advantage normalisation; loss −Σ A·log π / 32 over 2 micro-batches
 of 16 (TRL's clipped ratio is 1, up to rounding, with num_iterations = 1, so its gradient is this one); the
 learner's own AdamW (learners.distributed.make_optimizer: fused, β 0.9/0.999, ε 1e-8, no weight decay)
-and lr 3e-5 with its linear warm-up over 2 steps (make_schedule), gradient clip 1.0; the reference is an
+and lr 6e-5 with its linear warm-up over 1 step (make_schedule), gradient clip 1.0; the reference is an
 EMA of the policy with μ = 0.01 updated after every step (TRL: sync_ref_model with
 ref_model_mixup_alpha = μ and ref_model_sync_steps = 1, its TR-DPO option; ``--trl-reference sft`` keeps
 TRL's default fixed θ_sft reference instead); ``--cpus`` cores (2): TRL's torch threads, WARP's engine

@@ -1,6 +1,6 @@
 """Benchmark: one WARP run's end-to-end step (generate → score → learner step → weight sync) on SmolLM2-135M.
 
-The work per step is the demo's: 8 prompts × 4 samples × at most 24 new tokens, temperature 0.9, top-k 50,
+The work per step is the demo's: 8 prompts × 4 samples × at most 16 new tokens, temperature 0.9, top-k 50,
 VADER reward, β = 0.05, one learner step (2 micro-batches of 16). Runs `warp-rlhf train` with the demo
 config, M = 1, and reads the per-step timings from metrics.parquet; the first steps (warm-up) are left
 out. Both the engine and the learner get every core: within a run they alternate, never overlap.
