@@ -52,6 +52,24 @@ def test_weights_are_full_hf_named_in_model_dtype(learner, tiny_model_dir):
     assert dict(w.tensors())["model.embed_tokens.weight"].shape == (512, 128)
 
 
+def test_one_rank_without_zero_skips_the_gradient_all_reduce_and_steps_the_same(learner, rollouts):
+    """A one-rank ZeRO-0 backward all-reduced its gradients over itself (flatten, reduce, copy back: 1 s of a 9 s
+    step); ZeRO 1-2 partition gradients in that call and keep it. Skipping it must not change a step."""
+    assert learner.engine.enable_backward_allreduce == (learner.cfg.zero_stage != 0)
+    if learner.cfg.zero_stage != 0:
+        return
+    after = {}
+    for reduce in (False, True):
+        learner.engine.enable_backward_allreduce = reduce
+        learner.load_init(learner.init)
+        learner.step(rollouts)
+        after[reduce] = learner.weights()
+    learner.engine.enable_backward_allreduce = False
+    learner.load_init(learner.init)
+    assert not flat_equal(after[False], learner.init)
+    assert flat_equal(after[False], after[True])
+
+
 def test_step_updates_weights_and_anchor_and_reports_metrics(learner, rollouts):
     learner.load_init(learner.init)
     first = learner.step(rollouts)
