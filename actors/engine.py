@@ -112,6 +112,8 @@ class GenerationEngine:
             lora = dict(enable_lora=True, max_loras=max_loras, max_lora_rank=vllm_max_rank(max_lora_rank))
             shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
             self.adapter_root = tempfile.mkdtemp(prefix="warp-lora-", dir=shm)
+            # Held open while the engine lives: a directory no process holds is one a killed engine left behind.
+            self._adapter_root_fd = os.open(self.adapter_root, os.O_RDONLY | os.O_DIRECTORY)
         self.stale: str | None = None  # why the weights are a mix of versions, after a failed load
         # What every load must match: the checkpoint vLLM itself loaded at start-up (names → shapes).
         self.expected = {name: shape for name, (_, shape) in Checkpoint(self.model_dir).layout.items()}
@@ -404,6 +406,7 @@ class GenerationEngine:
         self.llm = None
         if self.adapter_root is not None:
             shutil.rmtree(self.adapter_root, ignore_errors=True)
+            os.close(self._adapter_root_fd)
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()

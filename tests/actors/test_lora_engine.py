@@ -110,3 +110,15 @@ def test_an_adapter_for_other_layers_is_refused_and_the_previous_one_kept(engine
         engine.load_adapter(foreign, run=2)
     assert {r["version"] for r in greedy(engine, 2)} == {31}
     assert_sampled_by(greedy(engine, 2), merged)
+
+
+def test_the_adapter_directory_is_held_while_the_engine_lives(engine):
+    """Tests run side by side: the lifecycle test counts /dev/shm entries no process holds as leaked, and a live
+    LoRA engine's adapter directory (written once, then only read by vLLM on a load) must not count."""
+    from pathlib import Path
+
+    from tests.processes import unheld_shm
+
+    root = Path(engine.adapter_root)
+    assert root.is_dir()
+    assert root.name not in unheld_shm(since=root.stat().st_ctime - 1, root=root.parent)
