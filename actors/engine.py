@@ -110,8 +110,10 @@ class GenerationEngine:
             from actors.adapter import vllm_max_rank
 
             lora = dict(enable_lora=True, max_loras=max_loras, max_lora_rank=vllm_max_rank(max_lora_rank))
-            shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-            self.adapter_root = tempfile.mkdtemp(prefix="warp-lora-", dir=shm)
+            from actors import shm
+
+            shm.remove_orphaned_adapter_dirs()  # left by engines killed before they could shut down
+            self.adapter_root = tempfile.mkdtemp(prefix=shm.prefix_for(os.getpid()), dir=shm.shm_root())
             # Held open while the engine lives: a directory no process holds is one a killed engine left behind.
             self._adapter_root_fd = os.open(self.adapter_root, os.O_RDONLY | os.O_DIRECTORY)
         self.stale: str | None = None  # why the weights are a mix of versions, after a failed load

@@ -112,6 +112,10 @@ class StopOnSignal:
         for process in descendants:
             with contextlib.suppress(Exception):
                 process.kill()
+        with contextlib.suppress(Exception):  # the killed LoRA engines' adapter directories in /dev/shm
+            from actors.shm import remove_adapter_dirs
+
+            remove_adapter_dirs(process.pid for process in descendants)
         try:
             import ray
 

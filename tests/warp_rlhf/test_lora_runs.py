@@ -46,6 +46,9 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         assert "SIGINT again: quitting now" in stopped.stderr, stopped.stderr[-4000:]
         assert "Traceback" not in stopped.stderr, stopped.stderr[-4000:]
         assert not left_over(first.marker, grace_s=30)  # no process of its Ray instance survives
+        # ...nor the killed engine's adapter directory in /dev/shm (it cannot remove it itself; train does).
+        engine_pid = json.loads((out / "placement.json").read_text())["runs"][0]["engines"][0]["pid"]
+        assert not list(Path("/dev/shm").glob(f"warp-lora-{engine_pid}-*"))
         assert 2 <= checkpointed_step(out, 1) < STEPS[0], "the stop was to land part-way through iteration 1"
         started.append(second := Train([*args, "--resume"]))
         resumed = second.finish(timeout=600)
