@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from actors import shm
 from actors.rollout import ROLLOUT_SCHEMA
 from actors.worker_extension import PartialLoadError, WeightMismatchError, weight_mismatch
 from merger.flat import FlatWeights, TensorSpec
@@ -110,8 +111,6 @@ class GenerationEngine:
             from actors.adapter import vllm_max_rank
 
             lora = dict(enable_lora=True, max_loras=max_loras, max_lora_rank=vllm_max_rank(max_lora_rank))
-            from actors import shm
-
             shm.remove_orphaned_adapter_dirs()  # left by engines killed before they could shut down
             self.adapter_root = tempfile.mkdtemp(prefix=shm.prefix_for(os.getpid()), dir=shm.shm_root())
             # Held open while the engine lives: a directory no process holds is one a killed engine left behind.
@@ -340,8 +339,7 @@ class GenerationEngine:
         from actors.broadcast import specs_to_wire
 
         # Tensors in RPC arguments cross the process boundary as lists; a /dev/shm file costs one copy.
-        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        with tempfile.NamedTemporaryFile(prefix="warp-weights-", dir=shm) as file:
+        with tempfile.NamedTemporaryFile(prefix="warp-weights-", dir=shm.shm_root()) as file:
             weights.buffer.tofile(file)
             file.flush()
             self.llm.collective_rpc("warp_load_file", args=(file.name, specs_to_wire(weights.specs)))

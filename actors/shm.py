@@ -18,6 +18,7 @@ PREFIX = "warp-lora-"
 
 
 def shm_root() -> str | None:
+    """Where engines put files vLLM's processes read (adapters, weights in multiprocess mode): memory, if any."""
     return "/dev/shm" if os.path.isdir("/dev/shm") else None
 
 
