@@ -45,6 +45,12 @@ def init_process_group(rank: int, world_size: int, master_addr: str, master_port
                 f"{dist.get_rank()}); cannot also be rank {rank} of {world_size}"
             )
     else:
+        # Another library in this process (an in-process vLLM engine's shutdown) may have destroyed an earlier
+        # default group through torch directly: DeepSpeed still holds that group's clones, and its engine would
+        # fail on them ("Group ... is not registered"). Drop them; DeepSpeed rebuilds them on the new group.
+        from deepspeed.utils import groups
+
+        groups._release_process_group_references(group=None)
         os.environ.update(
             MASTER_ADDR=master_addr,
             MASTER_PORT=str(master_port or free_port(master_addr)),

@@ -6,25 +6,27 @@ during the test and no live process has it open or mapped (tests.processes.unhel
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
-import psutil
 import pytest
 
-from tests.processes import unheld_shm
+from tests.processes import left_over, unheld_shm
 
 pytestmark = pytest.mark.vllm
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run_cycles(model_dir: Path, cycles: int, multiprocessing: bool) -> dict:
+def _run_cycles(model_dir: Path, cycles: int, multiprocessing: bool, marker: str) -> dict:
     mode = "1" if multiprocessing else "0"
     out = subprocess.run(
         [sys.executable, "-m", "tests.actors.engine_cycle", str(model_dir), str(cycles), mode],
         cwd=ROOT,
+        env={**os.environ, "WARP_TEST_MARKER": marker},
         capture_output=True,
         text=True,
         timeout=300,
@@ -40,10 +42,12 @@ def _run_cycles(model_dir: Path, cycles: int, multiprocessing: bool) -> dict:
 )
 def test_engine_start_shutdown_leaves_nothing(tiny_model_dir, multiprocessing):
     started = time.time()
-    children_before = {p.pid for p in psutil.Process().children(recursive=True)}
+    # Every process the cycle starts inherits the marker, so one that outlived it is found even after its parent
+    # exited and it was re-parented; other tests' processes (pytest-xdist runs some beside this one) are not.
+    marker = f"warp-lifecycle-{uuid.uuid4().hex}"
     # Restarting in one process is checked in-process; a multiprocess cycle costs a vLLM import in its child.
     cycles = 1 if multiprocessing else 2
-    report = _run_cycles(tiny_model_dir, cycles=cycles, multiprocessing=multiprocessing)
+    report = _run_cycles(tiny_model_dir, cycles=cycles, multiprocessing=multiprocessing, marker=marker)
     if multiprocessing:  # the engine core is a child process while it runs: the check below bites
         assert all(len(state["children"]) > len(report["before"]["children"]) for state in report["during"])
     for state in report["after"]:
@@ -52,7 +56,7 @@ def test_engine_start_shutdown_leaves_nothing(tiny_model_dir, multiprocessing):
         assert state["shm"] == [], state["shm"]
     assert all(state["children"] == report["after"][0]["children"] for state in report["after"])
     assert unheld_shm(since=started) == []
-    assert {p.pid for p in psutil.Process().children(recursive=True)} == children_before
+    assert left_over(marker) == {}
 
 
 def test_only_segments_no_process_holds_count_as_left_behind(tmp_path: Path) -> None:

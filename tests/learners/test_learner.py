@@ -166,3 +166,36 @@ def test_a_fixed_sft_anchor_never_moves_and_stays_sft_from_another_init(tiny_mod
         assert anchor_is_sft()
     finally:
         rank.shutdown()
+
+
+RESTART_AFTER_FOREIGN_TEARDOWN = """
+import sys, torch.distributed as dist
+from learners.learner import LearnerRank
+from tests.learners.conftest import make_rollouts
+from warp_rlhf.config import LearnersConfig
+
+cfg = LearnersConfig(lr=1e-3, warmup_steps=0, micro_batch_size=8)
+first = LearnerRank(sys.argv[1], cfg, beta=0.1, mu=0.5, dtype="float32", seed=0)
+first.step(make_rollouts())
+first.shutdown()
+dist.destroy_process_group()  # what an in-process vLLM engine's shutdown does, behind DeepSpeed's back
+second = LearnerRank(sys.argv[1], cfg, beta=0.1, mu=0.5, dtype="float32", seed=0)
+print("LOSS", second.step(make_rollouts())["loss"])
+"""
+
+
+def test_a_learner_starts_after_another_library_destroyed_the_process_group(tiny_model_dir):
+    """In one process, a learner after an in-process vLLM engine's shutdown (which destroys torch's default group
+    but not DeepSpeed's clones of it) starts and steps. A fresh process: the suite's own group must stay intact."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = subprocess.run(
+        [sys.executable, "-c", RESTART_AFTER_FOREIGN_TEARDOWN, str(tiny_model_dir)],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0 and "LOSS" in out.stdout, out.stderr[-3000:]
