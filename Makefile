@@ -48,10 +48,9 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 # The whole suite, slow tests included (README, Tests). Most of its time is processes starting (Ray, vLLM engines,
-# DeepSpeed learners) one after another; WORKERS=2 runs whole test modules side by side on two pytest-xdist workers
-# (--dist loadscope), about 14 min instead of 17-18 on the Zen 4, but two order-dependent failures remain there
-# (README, Tests), so the default is one process.
-WORKERS ?= 0
+# DeepSpeed learners), which leaves a core idle in a serial run: two pytest-xdist workers each take whole test
+# modules (--dist loadscope, so a module's engines, learners and clusters stay in one process). WORKERS=0: serially.
+WORKERS ?= 2
 XDIST := $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadscope)
 test: install lint
 	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)

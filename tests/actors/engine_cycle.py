@@ -24,17 +24,21 @@ def _state() -> dict:
 
 def main(model_dir: str, cycles: int, multiprocessing: bool) -> None:
     from actors.engine import GenerationEngine
-    from tests.actors.conftest import random_weights
+    from tests.actors.conftest import hf_greedy, random_weights
     from warp_rlhf.config import ActorsConfig
 
     cfg = ActorsConfig(kv_cache_gib=0.125, max_model_len=128, max_new_tokens=8, multiprocessing=multiprocessing)
-    _, flat = random_weights(model_dir, seed=3)
-    report = {"before": _state(), "during": [], "after": []}
+    model, flat = random_weights(model_dir, seed=3)
+    report = {"before": _state(), "during": [], "after": [], "greedy_is_the_loaded_model": []}
     for cycle in range(cycles):
         engine = GenerationEngine(model_dir, cfg, dtype="float32", seed=cycle)
         engine.load_weights(flat, version=cycle + 1)
         rows = engine.generate(["The film opens"], n=2).column("version").to_pylist()
         assert rows == [cycle + 1] * 2, rows
+        # The weights really landed (a multiprocess engine takes them through a /dev/shm file, not the RPC).
+        greedy = engine.generate(["The film opens"], n=1, temperature=0.0).to_pylist()[0]
+        same = greedy["completion_ids"] == hf_greedy(model, greedy["prompt_ids"], cfg.max_new_tokens)
+        report["greedy_is_the_loaded_model"].append(same)
         report["during"].append(_state())
         engine.shutdown()
         report["after"].append(_state())

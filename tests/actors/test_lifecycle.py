@@ -48,6 +48,7 @@ def test_engine_start_shutdown_leaves_nothing(tiny_model_dir, multiprocessing):
     # Restarting in one process is checked in-process; a multiprocess cycle costs a vLLM import in its child.
     cycles = 1 if multiprocessing else 2
     report = _run_cycles(tiny_model_dir, cycles=cycles, multiprocessing=multiprocessing, marker=marker)
+    assert report["greedy_is_the_loaded_model"] == [True] * cycles
     if multiprocessing:  # the engine core is a child process while it runs: the check below bites
         assert all(len(state["children"]) > len(report["before"]["children"]) for state in report["during"])
     for state in report["after"]:
