@@ -71,7 +71,8 @@ class PlainStep:
         from transformers import AutoModelForCausalLM
 
         cpu = torch.device("cpu")
-        load = dict(dtype=getattr(torch, dtype), attn_implementation=attention_for(cpu))  # as the learner loads it
+        # As the learner loads it.
+        load = dict(dtype=getattr(torch, dtype), attn_implementation=attention_for(cpu, dtype))
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, **load)
         self.anchor = AutoModelForCausalLM.from_pretrained(model_dir, **load).eval()
         fp32_master = fp32_master and dtype != "float32"

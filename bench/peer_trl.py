@@ -5,10 +5,12 @@ first TRL 1.16's RLOOTrainer trains SmolLM2-135M for ``--steps`` steps (in a chi
 starts clean), then `warp-rlhf train` runs the demo with M = 1 for as many steps (bench/warp_step.py's
 :func:`measure_warp_step`). TRL's step is timed by a TrainerCallback from on_step_begin to on_step_end
 (generation, scoring, the log-prob passes, the micro-batches' forward/backward, clipping, AdamW, the
-reference update); WARP's is generate + learn + sync from metrics.parquet. The first ``--warmup`` steps
-of each are left out; each figure is the median of the rest. Each TRL step prints its loss, reward, KL, lr and
-gradient norm; the loss reads ≈ 0 by construction (with the ratio at 1 it is −mean(A), and leave-one-out
-advantages nearly cancel within a group) while its gradient is not: grad_norm > 0 and the weights move.
+reference update), and within it TRL's sampling (its ``_generate``: tokenise, transformers ``generate``,
+decode) to split it into generate and the rest; WARP's is generate + learn + sync from metrics.parquet. The
+first ``--warmup`` steps of each are left out; each figure is the median of the rest. Each TRL step prints its
+loss, reward, KL, lr and gradient norm; the loss reads ≈ 0 by construction (with the ratio at 1 it is −mean(A),
+and leave-one-out advantages nearly cancel within a group) while its gradient is not: grad_norm > 0 and the
+weights move.
 
     make bench-peer                       # installs the `bench` extra (trl), then runs this
     .venv/bin/python bench/peer_trl.py [--steps 8] [--warmup 2] [--dtype float32 bfloat16 auto] [--only both]
@@ -210,17 +212,30 @@ def measure_trl_step(
             optimizers=(optimizer, schedule),
         )
         trainer.remove_callback(PrinterCallback)  # StepTimer prints one line per step instead
+        generating: list[float] = []  # seconds in TRL's own sampling (tokenise, generate, decode) per step
+        sample = trainer._generate
+
+        def timed_generate(*a, **kw):
+            began = time.perf_counter()
+            try:
+                return sample(*a, **kw)
+            finally:
+                generating.append(time.perf_counter() - began)
+
+        trainer._generate = timed_generate
         timer = StepTimer()
         trainer.add_callback(timer)  # last, so that its on_step_end follows the reference (EMA) update
         trainer.train()
-    if len(timer.seconds) != steps or len(tokens) != steps:
+    if not len(timer.seconds) == len(tokens) == len(generating) == steps:
         raise RuntimeError(f"expected {steps} steps and generation batches, timed {len(timer.seconds)} steps and "
-                           f"scored {len(tokens)} batches")  # fmt: skip
+                           f"{len(generating)} generations, scored {len(tokens)} batches")  # fmt: skip
     seconds, counts = timer.seconds[warmup:], tokens[warmup:]
     return {
         "dtype": dtype,
         "steps": len(seconds),
         "step_s": statistics.median(seconds),
+        "generate_s": statistics.median(generating[warmup:]),
+        "rest_s": statistics.median(s - g for s, g in zip(seconds, generating[warmup:], strict=True)),
         "completion_tokens_per_s": statistics.median(n / s for n, s in zip(counts, seconds, strict=True)),
         "warmup_step_s": timer.seconds[:warmup],
         "all_step_s": timer.seconds,
@@ -260,8 +275,8 @@ def print_table(rows: list[dict], cpu: str, bf16_flags: list[str], args: argpars
     print(f"\nCPU: {cpu}; avx512_bf16: {'yes' if 'avx512_bf16' in bf16_flags else 'no'}"
           f"{'; amx_bf16: yes' if 'amx_bf16' in bf16_flags else ''}; {args.cpus} threads/cpus per tool; "
           f"medians of {measured} step(s) after {args.warmup} warm-up step(s)")  # fmt: skip
-    head = (f"{'dtype':<9} {'TRL step':>9} {'WARP step':>10} {'generate':>9} {'learn':>7} {'sync':>6} "
-            f"{'WARP/TRL':>9} {'TRL tok/s':>10} {'WARP tok/s':>11}")  # fmt: skip
+    head = (f"{'dtype':<9} {'TRL step':>9} {'generate':>9} {'rest':>7} {'WARP step':>10} {'generate':>9} "
+            f"{'learn':>7} {'sync':>6} {'WARP/TRL':>9} {'TRL tok/s':>10} {'WARP tok/s':>11}")  # fmt: skip
     print(head)
     print("-" * len(head))
     for row in rows:
@@ -269,6 +284,8 @@ def print_table(rows: list[dict], cpu: str, bf16_flags: list[str], args: argpars
         cells = [
             f"{row['dtype']:<9}",
             cell(trl.get("step_s"), 9, ".2f", " s"),
+            cell(trl.get("generate_s"), 9, ".2f", " s"),
+            cell(trl.get("rest_s"), 7, ".2f", " s"),
             cell(warp.get("step_s"), 10, ".2f", " s"),
             cell(warp.get("generate_s"), 9, ".2f", " s"),
             cell(warp.get("learn_s"), 7, ".2f", " s"),
@@ -283,7 +300,9 @@ def print_table(rows: list[dict], cpu: str, bf16_flags: list[str], args: argpars
         first = trl_rows[0]
         checkpointing = "on" if first["gradient_checkpointing"] else "off"
         reference = "an EMA (as WARP's anchor)" if first["reference"] == "ema" else "the fixed θ_sft"
-        print(f"TRL {first['trl']}: gradient checkpointing {checkpointing}, reference {reference}")
+        print(f"TRL {first['trl']}: gradient checkpointing {checkpointing}, reference {reference}; its generate is "
+              "its own sampling (tokenise, transformers generate, decode), its rest the scoring, the policy's and "
+              "the reference's log-prob passes, the training pass, AdamW and the reference update")  # fmt: skip
 
 
 def main() -> None:

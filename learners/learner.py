@@ -109,7 +109,7 @@ class LearnerRank:
         torch.manual_seed(seed)  # the same on every rank: nothing here may differ between replicas
 
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
-                                                     attn_implementation=attention_for(self.device))  # fmt: skip
+                                                     attn_implementation=attention_for(self.device, dtype))  # fmt: skip
         self.pad_id = int(model.config.pad_token_id or 0)  # any id works: padding is masked out
         self.seed, self.lora = seed, cfg.lora.enabled
         if self.lora:  # only the adapter trains; the anchor is an adapter on the same frozen base

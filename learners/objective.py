@@ -96,16 +96,19 @@ def head_on_scored_positions(model: torch.nn.Module, scored: torch.Tensor) -> It
         handle.remove()
 
 
-def attention_for(device: torch.device) -> str:
-    """The attention kernel of the learner's models (policy, anchor): transformers' eager attention on CPU,
-    PyTorch's SDPA on accelerators.
+def attention_for(device: torch.device, dtype: str) -> str:
+    """The attention kernel of the learner's models (policy, anchor): PyTorch's SDPA, except for bf16 on CPU,
+    where transformers' eager attention is faster.
 
-    On CPU, SDPA runs a flash-attention kernel whose backward dominated attention at RL batch shapes: a bf16
-    SmolLM2-135M learner step of 32 sequences × ≈40 tokens took 14 s with it and 11 s with eager attention
-    (AMD EPYC Zen 4, one thread). Eager materialises the (B, heads, L, L) scores, which is nothing at these
-    lengths; on GPU, SDPA's fused kernels are the right choice.
+    Measured on SmolLM2-135M at the demo's shapes (32 sequences of ≈ 10 prompt + 16 completion tokens; a plain
+    step: anchor forward, forward, backward, AdamW, EMA) on a 2-core AMD EPYC Zen 4 with avx512_bf16:
+    bf16 on one thread (a demo learner) eager 7.05 s against SDPA 7.37 (SDPA's CPU flash kernel has the
+    slower backward, 3.5 s against 2.85), on two threads 6.05 against 5.49, within the noise; fp32 on one
+    thread SDPA 15.1 s against eager 16.4, on two threads 8.6 against 10.3 (eager's forward with autograd
+    recording costs 1 s more than SDPA's). Eager materialises the (B, heads, L, L) scores, nothing at these
+    lengths; on accelerators SDPA's fused kernels are the right choice.
     """
-    return "sdpa" if device.type != "cpu" else "eager"
+    return "eager" if device.type == "cpu" and dtype == "bfloat16" else "sdpa"
 
 
 def sequence_logprobs(
