@@ -4,7 +4,28 @@ from pathlib import Path
 
 import pytest
 
-from warp_rlhf.models import ModelError, materialise, resolve_model
+from warp_rlhf.models import ModelError, materialise, parsed_once, resolve_model
+
+# SHA-256 over (name, dtype, bytes) of every tensor of the bf16 SmolLM2 conversion, sorted by name, taken from
+# the conversion before parsed_once() shared transformers' GGUF parses. A different digest means the demo's
+# model changed (a transformers or gguf upgrade, a wrong Q/K permutation): nothing else would notice.
+SMOLLM2_BF16_DIGEST = "03a334a37f4ff42380b258302e1ff3298ea461215a18e8fcc27ecdd74b9c80d2"
+
+
+def weights_digest(path: Path) -> str:
+    import hashlib
+
+    import torch
+    from safetensors import safe_open
+
+    digest = hashlib.sha256()
+    with safe_open(path / "model.safetensors", "pt") as weights:
+        for name in sorted(weights.keys()):
+            tensor = weights.get_tensor(name)
+            digest.update(name.encode())
+            digest.update(str(tensor.dtype).encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def test_tiny_model_loads_in_transformers(tiny_model_dir: Path) -> None:
@@ -66,6 +87,15 @@ def test_smollm2_alias_loads_in_transformers_and_vllm() -> None:
     assert config["model_type"] == "llama" and config["num_hidden_layers"] == 30
     assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
     assert resolve_model("smollm2-135m") == path  # cached, not converted again
+    assert weights_digest(path) == SMOLLM2_BF16_DIGEST
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert len(tokenizer) == 49152
+    assert tokenizer("The film opens on a quiet street at dawn.")["input_ids"] == [
+        504, 4771, 10573, 335, 253, 8354, 7280, 418, 16804, 30
+    ]  # fmt: skip
 
     from transformers import AutoModelForCausalLM
 
@@ -80,3 +110,14 @@ def test_smollm2_alias_loads_in_transformers_and_vllm() -> None:
         assert len(out[0].outputs[0].token_ids) == 4
     finally:
         llm.llm_engine.engine_core.shutdown()
+
+
+def test_gguf_parses_are_shared_only_inside_parsed_once() -> None:
+    import gguf
+
+    unpatched = (gguf.GGUFReader, gguf.get_tensor_name_map)
+    with parsed_once():
+        arch = next(iter(gguf.MODEL_ARCH_NAMES))
+        assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == unpatched
+    assert gguf.get_tensor_name_map(arch, 2) is not gguf.get_tensor_name_map(arch, 2)
