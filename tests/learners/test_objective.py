@@ -68,15 +68,15 @@ def test_sequence_logprobs_sum_teacher_forced_completion_tokens():
     torch.testing.assert_close(logp.detach(), torch.tensor(expected))
 
 
-@pytest.mark.parametrize("attention", ["eager", "sdpa"])  # the learner's kernels: bf16 and fp32 on CPU
-def test_only_completion_positions_reach_the_output_head_of_a_real_model(tiny_model_dir, attention):
+@pytest.mark.parametrize("kernel", ["eager", "sdpa"])  # the learner's attention: bf16 and fp32 on CPU
+def test_only_completion_positions_reach_the_output_head_of_a_real_model(tiny_model_dir, kernel):
     """The head maps the N scored positions alone, and log-probs, entropy and gradients equal those computed
     from the model's full (B, L, V) logits."""
     from transformers import AutoModelForCausalLM
 
     from learners.objective import token_logprobs
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=attention)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=kernel)
     ids, attention, completion = toy_batch()
     ids = ids + 40  # ordinary tokens of the tiny tokenizer
     seen = []
