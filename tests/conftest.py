@@ -25,7 +25,7 @@ def _has_cuda() -> bool:
 
 
 # The modules that take longest (each trains through the CLI or starts a cluster: minutes), longest first.
-# `make test WORKERS=2` runs two pytest-xdist workers that take whole modules (--dist loadscope) in collection order, a
+# `make test` runs two pytest-xdist workers that take whole modules (--dist loadscope) in collection order, a
 # couple at a time: starting these first keeps one of them from running alone at the end.
 LONGEST_FIRST = (
     "tests/warp_rlhf/test_cluster.py",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -15,7 +16,7 @@ def test_only_the_directories_of_engines_no_longer_alive_are_removed(tmp_path: P
     dead_pid = int(dead.stdout)  # exited: its pid is free (reuse within this test is vanishingly unlikely)
     orphan = Path(tempfile.mkdtemp(prefix=shm.prefix_for(dead_pid), dir=tmp_path))
     (orphan / "run-1").mkdir()
-    mine = Path(tempfile.mkdtemp(prefix=shm.prefix_for(shm.os.getpid()), dir=tmp_path))
+    mine = Path(tempfile.mkdtemp(prefix=shm.prefix_for(os.getpid()), dir=tmp_path))
     unrelated = tmp_path / "warp-lora-old_style"  # no pid in the name: not ours to judge
     unrelated.mkdir()
     assert shm.remove_orphaned_adapter_dirs(str(tmp_path)) == [orphan]

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import signal
+import tempfile
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
+from actors import shm
 from tests.processes import left_over
 from tests.warp_rlhf.conftest import Train, checkpointed_step
 from tests.warp_rlhf.test_serve import _greedy_reference, served
@@ -48,7 +50,8 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         assert not left_over(first.marker, grace_s=30)  # no process of its Ray instance survives
         # ...nor the killed engine's adapter directory in /dev/shm (it cannot remove it itself; train does).
         engine_pid = json.loads((out / "placement.json").read_text())["runs"][0]["engines"][0]["pid"]
-        assert not list(Path("/dev/shm").glob(f"warp-lora-{engine_pid}-*"))
+        where = Path(shm.shm_root() or tempfile.gettempdir())  # where the engine made it (tempfile.mkdtemp)
+        assert not list(where.glob(f"{shm.prefix_for(engine_pid)}*"))
         assert 2 <= checkpointed_step(out, 1) < STEPS[0], "the stop was to land part-way through iteration 1"
         started.append(second := Train([*args, "--resume"]))
         resumed = second.finish(timeout=600)
