@@ -159,7 +159,8 @@ def parsed_once() -> Iterator[None]:
     transformers parses the GGUF file three times (tokenizer, config, weights) and rebuilds gguf's
     tensor-name map for every submodule of the model (397 times for SmolLM2): 21 s and 6 s of a 34 s
     conversion on a 2-core Zen 4. Both are pure functions of their arguments, and their results are only
-    read, so sharing them changes nothing in the output (tests/warp_rlhf/test_models.py compares the bytes).
+    read, so sharing them changes nothing in the output (tests/warp_rlhf/test_models.py pins a digest of the
+    converted weights, taken before this sharing existed).
     """
     import gguf
 
