@@ -6,8 +6,11 @@ model, the EMA update of the anchor. The plain loop has no DeepSpeed, no process
 non-finite checks. Steps alternate between the two so that load from other processes hits both
 alike. A third column, AdamW directly on bf16 weights (no fp32 master), is what a naive loop does:
 faster, but at lr 1e-6 most bf16 updates round away to nothing. Each row also gives ``phases_s``: the
-medians of anchor forward, policy forward, backward, optimizer (clip + AdamW + master copy) and EMA
-update, for the learner (from its step metrics) next to the plain step (timed the same way).
+medians of anchor forward, policy forward, backward, optimizer (clip + AdamW + master copy), EMA
+update and weight publish, for the learner (from its step metrics) next to the plain step (timed the
+same way). Publish is what the learner does for the engines after each step: ``weights()``, the policy
+packed into one FlatWeights buffer (a ZeRO-3 group: gathered, and rank 0's put in the object store);
+the plain step's peer is the least any publish does, one ``torch.cat`` of the weights into one buffer.
 
     .venv/bin/python -m bench.learners --stages 0 1 2
     .venv/bin/python -m bench.learners --stages --zero3-ranks 1 2 --dtype float32
@@ -25,6 +28,8 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -114,7 +119,21 @@ class PlainStep:
         with clock("ema"), torch.no_grad():
             torch._foreach_lerp_(self.ema, [p.float() for p in params], self.mu)
             torch._foreach_copy_(list(self.anchor.parameters()), self.ema)
+        with clock("publish"), torch.no_grad():
+            self.published = torch.cat([p.detach().reshape(-1) for p in params])
         return clock.seconds
+
+
+def publishing(step: Callable[[pa.Table], dict], publish: Callable[[], Any]) -> Callable[[pa.Table], dict]:
+    """A step followed by the weight publish the training loop does after it, timed as phase ``publish``."""
+
+    def step_and_publish(table: pa.Table) -> dict:
+        metrics = step(table)
+        start = time.perf_counter()
+        publish()
+        return metrics | {"time_publish_s": time.perf_counter() - start}
+
+    return step_and_publish
 
 
 def median_seconds(steps: dict, table: pa.Table, warmup: int, repeats: int) -> dict[str, float]:
@@ -161,7 +180,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     for stage in args.stages:
         cfg = LearnersConfig(zero_stage=stage, lr=1e-6, warmup_steps=0, micro_batch_size=args.micro_batch_size)
         learner = LearnerRank(model_dir, cfg, beta=0.1, mu=0.01, dtype=args.dtype)
-        steps = {"plain": plain.step, "learner": learner.step, "naive": naive.step}
+        steps = {"plain": plain.step, "learner": publishing(learner.step, learner.weights), "naive": naive.step}
         med = median_seconds(steps, table, args.warmup, args.steps)
         learner.shutdown()
         row = {
@@ -199,7 +218,10 @@ def zero3_rows(args: argparse.Namespace, model_dir, table: pa.Table, plain: Plai
             group = LearnerGroup(model_dir, cfg, beta=0.1, mu=0.01, dtype=args.dtype)
             group.ready()
             held = ray.get([r.__ray_call__.remote(lambda self: self.anchor.local_bytes()) for r in group.ranks])
-            med = median_seconds({"plain": plain.step, "learner": group.step}, table, args.warmup, args.steps)
+            # The loop hands rank 0's object-store ref to the engines; it never fetches it itself.
+            publish = lambda group=group: ray.wait([group.weights_ref()])  # noqa: E731
+            steps = {"plain": plain.step, "learner": publishing(group.step, publish)}
+            med = median_seconds(steps, table, args.warmup, args.steps)
             group.shutdown()
             row = {
                 "zero_stage": 3,
