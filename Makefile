@@ -15,13 +15,12 @@ OVERRIDES := --override install/overrides.txt $(if $(filter cpu,$(EXTRA)),--over
 FIND_LINKS := $(foreach dir,$(PIP_FIND_LINKS),--find-links $(dir))
 STAMP := $(VENV)/.installed-$(EXTRA)
 
-# DeepSpeed's compiled ops are built once per environment, into .venv/torch_extensions (learners/ops.py).
+# vLLM's CPU engines keep no core back for their front-end: on a 2-core machine it would take half of it.
 export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0
-OPS_STAMP := $(VENV)/.ops-built-$(EXTRA)
 
 .PHONY: install test test-fast lint format demo demo-lora study bench bench-peer clean
 
-install: $(STAMP) $(OPS_STAMP)
+install: $(STAMP)
 
 # Bytecode is compiled once, at install: where PYTHONDONTWRITEBYTECODE is set (as on the CI machines) Python never
 # caches it, and every process would compile each module it imports from source again: half of `import vllm`
@@ -33,10 +32,6 @@ $(STAMP): pyproject.toml install/overrides.txt install/cpu-overrides.txt
 	$(PY) -m compileall -q actors learners merger warp_rlhf
 	$(PY) install/check_env.py $(EXTRA)
 	rm -f $(VENV)/.installed-*
-	touch $@
-
-$(OPS_STAMP): $(STAMP)
-	$(PY) -c "from learners.ops import prebuild; prebuild()"
 	touch $@
 
 lint: $(STAMP)

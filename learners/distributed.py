@@ -13,10 +13,8 @@ import logging
 import os
 import socket
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
-
-from learners.ops import ops_loading
 
 if TYPE_CHECKING:
     import torch
@@ -59,8 +57,38 @@ def init_process_group(rank: int, world_size: int, master_addr: str, master_port
             LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"),
         )
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    with ops_loading():  # init loads DeepSpeed's communication op
+    with shm_op_skipped():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+
+
+SHM_OP = "deepspeed_shm_comm"  # the op's name in deepspeed.ops.__compatible_ops__ (DeepSpeed is pinned: pyproject)
+
+
+@contextmanager
+def shm_op_skipped() -> Iterator[None]:
+    """The block initialises DeepSpeed's communication backend without its shared-memory all-reduce op.
+
+    On the CPU accelerator the backend's init compiles a C++ op once per environment (40–80 s of both cores)
+    and loads it in every process, whatever the dist backend, for one use: ``inference_all_reduce``, the
+    all-reduce of DeepSpeed's tensor-parallel inference. A learner never calls it; its collectives are
+    torch.distributed's. Marked incompatible for the init, the op is neither built nor loaded: no compiler
+    at install or start-up, and none of a build's failure modes (a lock left by a learner killed
+    mid-build, on which every later learner waited forever; a rebuild whenever two processes found
+    different ninjas; an import deadlock between the lock watcher and DeepSpeed's builders). It is the
+    only op DeepSpeed loads on our path; on CUDA there is none.
+    """
+    from deepspeed import ops
+
+    compatible = ops.__compatible_ops__
+    before = compatible.get(SHM_OP)
+    compatible[SHM_OP] = False
+    try:
+        yield
+    finally:
+        if before is None:
+            compatible.pop(SHM_OP, None)
+        else:
+            compatible[SHM_OP] = before
 
 
 def deepspeed_config(cfg: LearnersConfig, dtype: str, world_size: int) -> dict[str, Any]:

@@ -21,8 +21,8 @@ from typing import Any
 from warp_rlhf.config import Config
 from warp_rlhf.placement import GroupSpec, PlacementError, assign, group_specs, local_node, nodes_from_ray
 
-# Environment every actor process needs: caches, compiled-op location and vLLM's process mode.
-FORWARDED_ENV = ("WARP_RLHF_CACHE", "TORCH_EXTENSIONS_DIR", "VLLM_CPU_NUM_OF_RESERVED_CPU", "HF_HUB_OFFLINE")
+# Environment every actor process needs: the model cache and vLLM's process mode.
+FORWARDED_ENV = ("WARP_RLHF_CACHE", "VLLM_CPU_NUM_OF_RESERVED_CPU", "HF_HUB_OFFLINE")
 
 
 class ClusterError(RuntimeError):
@@ -30,7 +30,6 @@ class ClusterError(RuntimeError):
 
 
 def worker_env(cfg: Config) -> dict[str, str]:
-    # Without TORCH_EXTENSIONS_DIR, each learner finds DeepSpeed's ops in its own Python environment.
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if cfg.actors.multiprocessing else "0"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -199,3 +199,38 @@ def test_a_learner_starts_after_another_library_destroyed_the_process_group(tiny
         timeout=300,
     )
     assert out.returncode == 0 and "LOSS" in out.stdout, out.stderr[-3000:]
+
+
+DEEPSPEED_COMM_WITHOUT_SHM_OP = """
+import os, sys
+import deepspeed
+from deepspeed import comm
+from learners.distributed import SHM_OP, init_process_group
+
+init_process_group(0, 1, "127.0.0.1", 0, "gloo")
+print("OP", comm.comm.cdb.shm_comm_op)  # None: neither built nor loaded
+print("COMPATIBLE", deepspeed.ops.__compatible_ops__[SHM_OP])  # restored once the backend is up
+print("BUILT", sorted(os.listdir(sys.argv[1])))
+"""
+
+
+def test_deepspeed_starts_its_communication_without_building_or_loading_the_shm_op(tmp_path):
+    """DeepSpeed's CPU backend compiled its shm all-reduce op (tensor-parallel inference only) at every first
+    init: a minute of compiling at install and a stale-lock hang after a kill mid-build. A fresh process with an
+    empty extensions directory: after init the op is not loaded and nothing was built there."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-c", DEEPSPEED_COMM_WITHOUT_SHM_OP, str(tmp_path)],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "OP None" in out.stdout and "COMPATIBLE True" in out.stdout and "BUILT []" in out.stdout, out.stdout
