@@ -182,6 +182,35 @@ def master_parameters(
         yield name, master
 
 
+def load_master_parameters(module: torch.nn.Module, optimizer: Any, state: dict[str, torch.Tensor]) -> int:
+    """Each low-precision parameter's fp32 master ← ``state[name]`` where that is fp32; returns how many were set.
+
+    Loading weights into a bf16 model rounds them, and DeepSpeed's ``refresh_fp32_params`` copies the rounded
+    values into the masters. Where the weights are wider (the merger's fp32 θ_init), this puts the exact
+    values back, so training continues from them and not from their rounding. Every rank calls it with the
+    full state and writes only its own partition: no collective.
+    """
+    import torch
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    flat = _flat_masters(optimizer)
+    loaded = 0
+    for name, param in module.named_parameters():
+        value = state[name]
+        if not param.requires_grad or param.element_size() >= 4 or value.dtype != torch.float32:
+            continue  # fp32 parameters are their own masters, frozen ones have none, narrower values add nothing
+        value = value.to(param.device)
+        if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):  # ZeRO 1-3, DeepSpeed's bf16 optimizer
+            safe_set_full_fp32_param(param, value)
+        elif id(param) in flat:
+            with torch.no_grad():
+                flat[id(param)].copy_(value)
+        else:
+            raise RuntimeError(f"no fp32 master weight for {name!r} in {type(optimizer).__name__}")
+        loaded += 1
+    return loaded
+
+
 def _flat_masters(optimizer: Any) -> dict[int, torch.Tensor]:
     """id(param) → its fp32 master, for DeepSpeed's FP16 optimizers (also used for bf16 without ZeRO).
 

@@ -33,6 +33,7 @@ from learners.distributed import (
     deepspeed_config,
     full_parameters,
     init_process_group,
+    load_master_parameters,
     make_optimizer,
     make_schedule,
     master_parameters,
@@ -408,6 +409,9 @@ class LearnerRank:
         if self.lora:  # an EMA of the fresh factors; with anchor = sft the base itself (first iteration only)
             self.anchor.reset()
         else:
+            # θ_init wider than the model (the merger's fp32 result): the masters, like the EMA's fp32
+            # accumulators, get it exactly, not its rounding to the model dtype.
+            load_master_parameters(self.engine.module, self.engine.optimizer, state)
             self.anchor.reset(state.items() if anchor is None else self._matching(anchor.state_dict()).items())
         self.updates = 0
         self.version = weights.version

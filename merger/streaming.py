@@ -80,7 +80,8 @@ def merge_stream(
     """Yield (name, θ_merge or None, θ_out) per tensor in θ_init's order, reading one tensor of each input at a time.
 
     θ_out is the LITI result θ_init + η Σ c_m δ_m with ``eta``, else θ_merge = θ_init + Σ c_m δ_m;
-    θ_merge itself comes only with ``keep_merged``. θ_out goes into ``into[name]`` if given. The
+    θ_merge itself comes only with ``keep_merged``. θ_out goes into ``into[name]`` if given, in its dtype
+    (θ_merge too), else both are in θ_init's dtype. The
     caller has checked that every source has θ_init's layout. Yielded tensors live in reused
     buffers: they are valid until the next one is requested.
     """
@@ -118,7 +119,7 @@ def merge_stream(
         out = add_task_vectors(t, ps, [scale * c for c in coeffs], out=target)
         merged = None
         if keep_merged:
-            merged = out if eta is None else add_task_vectors(t, ps, coeffs, out=_like(outputs[1], t))
+            merged = out if eta is None else add_task_vectors(t, ps, coeffs, out=_like(outputs[1], out))
         yield name, merged, out
 
 

@@ -112,6 +112,46 @@ def test_load_init_resets_policy_anchor_and_optimizer(learner, rollouts):
     assert max_diff(learner.weights(), first) == 0.0
 
 
+def test_an_fp32_init_reaches_a_bf16_learners_master_weights_and_anchor_exactly(learner):
+    """θ_init from the merger is fp32 (the learners' fp32 masters, merged). A bf16 learner used to train from its
+    rounding to bf16: most of a LITI update at RL's learning rates is below bf16's resolution, and was lost."""
+    check_fp32_init_is_exact(learner)
+
+
+def test_an_fp32_init_is_exact_without_zero_in_bf16_too(tiny_model_dir):
+    """The demo's learner (ZeRO 0, bf16) keeps its masters in DeepSpeed's bf16 optimizer, not in a ZeRO partition."""
+    from learners.learner import LearnerRank
+
+    cfg = LearnersConfig(zero_stage=0, lr=1e-3, warmup_steps=2, micro_batch_size=8)
+    rank = LearnerRank(tiny_model_dir, cfg, beta=0.1, mu=0.5, dtype="bfloat16", seed=0)
+    try:
+        rank.init = rank.weights()
+        check_fp32_init_is_exact(rank)
+    finally:
+        rank.shutdown()
+
+
+def check_fp32_init_is_exact(learner) -> None:
+    from merger.flat import flatten
+
+    torch.manual_seed(0)
+    # A move far below bf16's resolution (2^-8 relative), as a LITI update at small lr is.
+    wide = flatten(((n, t.float() * (1 + 1e-4 * torch.randn_like(t.float()))) for n, t in learner.init.tensors()), 7)
+    learner.load_init(wide)
+    try:
+        exact = dict(wide.tensors())
+        master = dict(learner.weights(master=True).tensors())
+        assert all(torch.equal(master[n], t) for n, t in exact.items())  # the masters are the fp32 θ_init, bit for bit
+        model = dict(learner.weights().tensors())  # what the engines get: the model-dtype rounding
+        assert all(torch.equal(model[n], t.to(model[n].dtype)) for n, t in exact.items())
+        anchor = learner.anchor.gathered()
+        assert all(torch.equal(anchor[n], t) for n, t in exact.items())  # the EMA's fp32 accumulators too
+        if learner.dtype == "bfloat16":
+            assert any(not torch.equal(model[n].float(), t) for n, t in exact.items())  # the test can see a rounding
+    finally:
+        learner.load_init(learner.init)
+
+
 def test_save_state_then_load_state_continues_like_an_uninterrupted_run(learner, rollouts, tmp_path):
     batches = [make_rollouts(seed=s) for s in (1, 2)]
     learner.load_init(learner.init)

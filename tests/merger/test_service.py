@@ -41,10 +41,32 @@ def test_directory_inputs_and_reruns(tiny_model_dir, make_policies, tmp_path) ->
     assert not [p for p in (tmp_path / "run" / "iter-1").iterdir() if p.name.startswith(".")]
 
 
-def test_policies_in_another_dtype_merge_into_init_dtype(tiny_model_dir, make_policies, bf16_init_dir, tmp_path):
-    """fp32 policies (the learners' master weights) over a bf16 θ_init: fp32 maths, θ_init's dtype out."""
-    merger = Merger(_config(tmp_path / "run"), tiny_model_dir)
-    new_init = merger.merge(1, bf16_init_dir, make_policies(2))
+def test_fp32_policies_over_a_bf16_init_merge_into_fp32(tiny_model_dir, make_policies, bf16_init_dir, tmp_path):
+    """fp32 policies (the learners' master weights) over a bf16 θ_init: the merge is the masters' next value and
+    stays fp32, outputs and returned θ_init alike. (Rounded to θ_init's bf16, the demo's iteration 1 kept a fifth
+    of its LITI update.) The same as merging over θ_init upcast to fp32 exactly, byte for byte."""
+    from merger.flat import flatten
+
+    policies = make_policies(2)
+    new_init = Merger(_config(tmp_path / "a"), tiny_model_dir).merge(1, bf16_init_dir, policies)
+    upcast = flatten((name, t.float()) for name, t in load_flat(bf16_init_dir).tensors())
+    expected = Merger(_config(tmp_path / "b"), tiny_model_dir).merge(1, upcast, policies)
+    assert {spec.dtype for spec in new_init.specs} == {"float32"}
+    assert np.array_equal(new_init.buffer, expected.buffer)
+    for kind in ("init", "slerp"):
+        with Checkpoint(tmp_path / "a" / "iter-1" / kind) as saved:
+            assert {dtype for dtype, _ in saved.layout.values()} == {"float32"}
+        assert np.array_equal(load_flat(tmp_path / "a" / "iter-1" / kind).buffer,
+                              load_flat(tmp_path / "b" / "iter-1" / kind).buffer)  # fmt: skip
+
+
+def test_policies_no_wider_than_init_merge_into_its_dtype(tiny_model_dir, make_policies, bf16_init_dir, tmp_path):
+    """Policies no wider than θ_init (bf16 checkpoints over a bf16 θ_init): nothing is widened."""
+    import torch
+
+    new_init = Merger(_config(tmp_path / "run"), tiny_model_dir).merge(
+        1, bf16_init_dir, make_policies(2, torch.bfloat16)
+    )
     assert {spec.dtype for spec in new_init.specs} == {"bfloat16"}
 
 
