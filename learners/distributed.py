@@ -182,8 +182,8 @@ def master_parameters(
         yield name, master
 
 
-def load_master_parameters(module: torch.nn.Module, optimizer: Any, state: dict[str, torch.Tensor]) -> int:
-    """Each low-precision parameter's fp32 master ← ``state[name]`` where that is fp32; returns how many were set.
+def load_master_parameters(module: torch.nn.Module, optimizer: Any, state: dict[str, torch.Tensor]) -> None:
+    """Each low-precision parameter's fp32 master ← ``state[name]``, where that is fp32.
 
     Loading weights into a bf16 model rounds them, and DeepSpeed's ``refresh_fp32_params`` copies the rounded
     values into the masters. Where the weights are wider (the merger's fp32 θ_init), this puts the exact
@@ -194,7 +194,6 @@ def load_master_parameters(module: torch.nn.Module, optimizer: Any, state: dict[
     from deepspeed.utils import safe_set_full_fp32_param
 
     flat = _flat_masters(optimizer)
-    loaded = 0
     for name, param in module.named_parameters():
         value = state[name]
         if not param.requires_grad or param.element_size() >= 4 or value.dtype != torch.float32:
@@ -207,8 +206,6 @@ def load_master_parameters(module: torch.nn.Module, optimizer: Any, state: dict[
                 flat[id(param)].copy_(value)
         else:
             raise RuntimeError(f"no fp32 master weight for {name!r} in {type(optimizer).__name__}")
-        loaded += 1
-    return loaded
 
 
 def _flat_masters(optimizer: Any) -> dict[int, torch.Tensor]:
