@@ -220,7 +220,7 @@ def check_compatible(reference: Checkpoint, others: list[Checkpoint], dtypes: bo
     """Refuse checkpoints whose model type, tensor names, shapes (with ``dtypes``: dtypes) differ from the reference.
 
     Dtypes may differ by default: a run's policies are fp32 master weights over a model-dtype θ_init, and
-    the merge computes in fp32 and writes θ_init's dtype.
+    the merge computes in fp32 and writes each tensor as wide as its widest input (``merged_layout``).
     """
     for other in others:
         if other.model_type != reference.model_type:

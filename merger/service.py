@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Union
 from merger.checkpoint import Checkpoint, CheckpointWriter, check_same_layout, tensor_nbytes
 from merger.errors import CheckpointError
 from merger.flat import FlatWeights, allocate
-from merger.streaming import FlatSource, Source, merge_stream, single_threaded
+from merger.streaming import FlatSource, Source, merge_stream, merged_layout, single_threaded
 
 if TYPE_CHECKING:
     import ray
@@ -78,28 +78,6 @@ class Merger:
                 writers[0].write(name, merged)
                 writers[1].write(name, new_init)
         return out
-
-
-def merged_layout(init: Source, policies: Sequence[Source]) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """θ_init's layout, each tensor stored as wide as the widest input: fp32 where the learners hand over their fp32
-    master weights, whatever θ_init's dtype.
-
-    The merge is the master weights' next value: θ_init of the next iteration, from which every run restarts.
-    Stored in a bf16 θ_init's dtype it was rounded like a bf16 master weight would be, and at RL's learning
-    rates most of each iteration's update is below bf16's resolution: in the bf16 CPU demo, iteration 1's
-    θ_init kept 20% of its LITI update (its projection on the exact one) and 8.4% of its elements moved at
-    all; θ_slerp kept 55%. Engines round to their dtype when they load it.
-    """
-    import torch
-
-    def width(dtype: str) -> int:
-        return getattr(torch, dtype).itemsize
-
-    layout = {}
-    for name, (dtype, shape) in init.layout.items():
-        widest = max((p.layout[name][0] for p in policies), key=width, default=dtype)
-        layout[name] = (widest if width(widest) > width(dtype) else dtype, shape)
-    return layout
 
 
 def _source(weights: Any, stack: ExitStack) -> Source:

@@ -53,11 +53,14 @@ def test_fp32_policies_over_a_bf16_init_merge_into_fp32(tiny_model_dir, make_pol
     expected = Merger(_config(tmp_path / "b"), tiny_model_dir).merge(1, upcast, policies)
     assert {spec.dtype for spec in new_init.specs} == {"float32"}
     assert np.array_equal(new_init.buffer, expected.buffer)
+    # `warp-rlhf merge` (merge_checkpoints) widens the same way: the study's LERP arms and offline merges agree.
+    merge_checkpoints(bf16_init_dir, policies, tmp_path / "init", eta=0.3, merged_dir=tmp_path / "slerp")
     for kind in ("init", "slerp"):
         with Checkpoint(tmp_path / "a" / "iter-1" / kind) as saved:
             assert {dtype for dtype, _ in saved.layout.values()} == {"float32"}
-        assert np.array_equal(load_flat(tmp_path / "a" / "iter-1" / kind).buffer,
-                              load_flat(tmp_path / "b" / "iter-1" / kind).buffer)  # fmt: skip
+        saved = load_flat(tmp_path / "a" / "iter-1" / kind).buffer
+        assert np.array_equal(saved, load_flat(tmp_path / "b" / "iter-1" / kind).buffer)
+        assert np.array_equal(saved, load_flat(tmp_path / kind).buffer)
 
 
 def test_policies_no_wider_than_init_merge_into_its_dtype(tiny_model_dir, make_policies, bf16_init_dir, tmp_path):
