@@ -104,7 +104,7 @@ def test_uneven_zero3_batches_finish_and_match_one_rank(runs) -> None:
         assert float((a - b).abs().max()) <= 1e-5, name
 
 
-@pytest.mark.parametrize("stage", [0, 2])  # DeepSpeed keeps the masters in its FP16 optimizer (0) or ZeRO's (2)
+@pytest.mark.parametrize("stage", [0, 2, 3])  # masters: DeepSpeed's FP16 optimizer (0), ZeRO's partitions (2, 3)
 @pytest.mark.ray
 def test_final_policy_is_fp32_master_weights_and_merges_like_float64(ray_cluster, tiny_model_dir, tmp_path, stage):
     """bf16 training at a small lr: the bf16 weights barely move, the fp32 masters do; SLERP uses the masters, its
