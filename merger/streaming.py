@@ -160,7 +160,7 @@ def _prefetched(read: Callable[[str, int], T], names: list[str]) -> Iterator[tup
 
 
 def _like(buffer: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return _typed(buffer, str(t.dtype).removeprefix("torch."), tuple(t.shape))
+    return buffer[: t.numel() * t.element_size()].view(t.dtype).view(t.shape)
 
 
 def _typed(buffer: torch.Tensor, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
