@@ -67,6 +67,8 @@ def to_tensors(table: pa.Table, pad_id: int) -> dict[str, torch.Tensor]:
     sampler = np.zeros((batch, width), dtype=np.float32)  # (B, L)
     logprobs = table.column("logprobs").to_pylist()
     for row, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        if not p:  # teacher forcing scores a token from the position before it
+            raise RolloutError(f"rollout row {row} has empty prompt_ids: its first completion token cannot be scored")
         input_ids[row, : len(p)] = p
         input_ids[row, len(p) : len(p) + len(c)] = c
         attention[row, : len(p) + len(c)] = 1

@@ -14,6 +14,10 @@ the plain step's peer is the least any publish does, one ``torch.cat`` of the we
 
     .venv/bin/python -m bench.learners --stages 0 1 2
     .venv/bin/python -m bench.learners --stages --zero3-ranks 1 2 --dtype float32
+    .venv/bin/python -m bench.learners --stages 0 --unshared
+
+Both steps compute each prompt once per micro-batch (``learners.share_prompts``, on by default);
+``--unshared`` adds a third step in the alternation, the learner with it off, and the ratio between them.
 
 ``--zero3-ranks`` runs ZeRO-3 learners of R ranks (Ray actors, gloo, every parameter partitioned:
 persistence threshold 0) and reports the EMA anchor's bytes per rank, measured from the tensors each
@@ -29,6 +33,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -44,7 +49,8 @@ from warp_rlhf.models import resolve_model
 
 def make_batch(prompts: int, samples: int, prompt_len: int, new_tokens: int, vocab: int, seed: int = 0) -> pa.Table:
     rng = np.random.default_rng(seed)
-    rows = [(g, rng.integers(10, vocab, prompt_len).tolist()) for g in range(prompts) for _ in range(samples)]
+    groups = [rng.integers(10, vocab, prompt_len).tolist() for _ in range(prompts)]
+    rows = [(g, groups[g]) for g in range(prompts) for _ in range(samples)]  # a group's samples share its prompt
     completions = [rng.integers(10, vocab, new_tokens).tolist() for _ in rows]
     n = len(rows)
     return pa.table(
@@ -181,8 +187,13 @@ def run(args: argparse.Namespace) -> list[dict]:
         cfg = LearnersConfig(zero_stage=stage, lr=1e-6, warmup_steps=0, micro_batch_size=args.micro_batch_size)
         learner = LearnerRank(model_dir, cfg, beta=0.1, mu=0.01, dtype=args.dtype)
         steps = {"plain": plain.step, "learner": publishing(learner.step, learner.weights), "naive": naive.step}
+        if args.unshared:
+            unshared = LearnerRank(model_dir, replace(cfg, share_prompts=False), beta=0.1, mu=0.01, dtype=args.dtype)
+            steps["unshared"] = publishing(unshared.step, unshared.weights)
         med = median_seconds(steps, table, args.warmup, args.steps)
         learner.shutdown()
+        if args.unshared:
+            unshared.shutdown()
         row = {
             "zero_stage": stage,
             "learner_s": round(med["learner"], 3),
@@ -193,6 +204,12 @@ def run(args: argparse.Namespace) -> list[dict]:
             "plain_completion_tok_s": round(completion_tokens / med["plain"], 1),
             "phases_s": breakdown(med),
         }
+        if args.unshared:
+            row |= {
+                "unshared_s": round(med["unshared"], 3),
+                "shared_vs_unshared": round(med["learner"] / med["unshared"], 3),
+            }
+            row["phases_s"] = breakdown(med, ("learner", "plain", "unshared"))
         print(json.dumps(row), flush=True)
         rows.append(row)
     if args.zero3_ranks:
@@ -251,6 +268,11 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--micro-batch-size", type=int, default=32)
+    parser.add_argument(
+        "--unshared",
+        action="store_true",
+        help="also time a learner with learners.share_prompts = false (each row's prompt computed)",
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()

@@ -90,11 +90,12 @@ class EmaAnchor:
         attention_mask: torch.Tensor,  # (B, L)
         completion_mask: torch.Tensor,  # (B, L)
         temperature: float = 1.0,
+        share_prompts: bool = True,
     ) -> torch.Tensor:
         """log π_ema(y|x) at the sampling temperature, summed over completion tokens (B,), on the caller's device."""
         out_device = input_ids.device
         batch = (t.to(self.device) for t in (input_ids, attention_mask, completion_mask))
-        return sequence_logprobs(self.module, *batch, temperature=temperature).to(out_device)
+        return sequence_logprobs(self.module, *batch, temperature, share_prompts).to(out_device)
 
     def local_bytes(self) -> int:
         """Bytes of every tensor this rank holds for the anchor (module copy and accumulators, once each)."""
@@ -174,9 +175,10 @@ class PartitionedAnchor:
         attention_mask: torch.Tensor,  # (B, L)
         completion_mask: torch.Tensor,  # (B, L)
         temperature: float = 1.0,
+        share_prompts: bool = True,
     ) -> torch.Tensor:
         """log π_ema(y|x) (B,); ZeRO-3 gathers each layer's parameters for the forward and releases them."""
-        return sequence_logprobs(self.engine, input_ids, attention_mask, completion_mask, temperature)
+        return sequence_logprobs(self.engine, input_ids, attention_mask, completion_mask, temperature, share_prompts)
 
     def local_bytes(self) -> int:
         return held_bytes([*self.ema.values(), *(p.ds_tensor.data for p in self.params.values())])

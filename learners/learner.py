@@ -172,9 +172,10 @@ class LearnerRank:
         num_seqs, num_micro, num_bad, num_cut = agree(flags, self.world_size, self.device)
         padded = micro + [micro[0][:1]] * (num_micro - len(micro))  # dummies: results discarded
         clock = Phases()
+        share = self.cfg.share_prompts
         with clock("anchor"), torch.no_grad():
             anchor_logp = torch.cat(
-                [self.anchor.sequence_logprobs(*self._inputs(batch, rows), self.temperature) for rows in padded][
+                [self.anchor.sequence_logprobs(*self._inputs(batch, rows), self.temperature, share) for rows in padded][
                     : len(micro)
                 ]
             )
@@ -227,8 +228,10 @@ class LearnerRank:
         import torch
 
         with torch.no_grad():
+            share = self.cfg.share_prompts
             outs = [
-                sequence_logprobs_and_entropy(self.engine, *self._inputs(batch, r), self.temperature)[0] for r in padded
+                sequence_logprobs_and_entropy(self.engine, *self._inputs(batch, r), self.temperature, None, share)[0]
+                for r in padded
             ]
             logp = torch.cat(outs[: len(micro)])
         rows = torch_index(np.concatenate(micro), logp.device)
@@ -248,14 +251,14 @@ class LearnerRank:
 
         sums = dict.fromkeys(("reward", "kl", "entropy", "loss"), 0.0) | {"tokens": 0.0}
         drift: dict[int, list[float]] = {}  # engine → [Σ |Δ log p|, tokens, max |Δ log p|]
-        offset = 0
+        offset, share = 0, self.cfg.share_prompts
         for i, rows in enumerate(padded):
             dummy = i >= len(micro)  # keeps ZeRO's per-backward collectives in step across ranks
             ids, attention, completion = self._inputs(batch, rows)
             self.engine.set_gradient_accumulation_boundary(i == len(padded) - 1)
             with clock("forward"):  # the policy's forward and the loss on it, as bench/learners.py's plain step
                 logp, entropy, tokens = sequence_logprobs_and_entropy(
-                    self.engine, ids, attention, completion, self.temperature, self.drift_temperature
+                    self.engine, ids, attention, completion, self.temperature, self.drift_temperature, share
                 )  # (b,), (b,), (n,)
                 index = torch_index(rows, logp.device)
                 if dummy:

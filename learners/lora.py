@@ -175,10 +175,13 @@ class AdapterAnchor(EmaAnchor):
         attention_mask: torch.Tensor,  # (B, L)
         completion_mask: torch.Tensor,  # (B, L)
         temperature: float = 1.0,
+        share_prompts: bool = True,
     ) -> torch.Tensor:
         """log π_ema(y|x) (B,): the policy's forward with the anchor's factors."""
         with torch.no_grad(), self.swapped_in():
-            return sequence_logprobs(self.policy, input_ids, attention_mask, completion_mask, temperature)
+            return sequence_logprobs(
+                self.policy, input_ids, attention_mask, completion_mask, temperature, share_prompts
+            )
 
     def local_bytes(self) -> int:
         """The fp32 factor EMAs: the anchor's only memory (its base is the policy's)."""

@@ -14,11 +14,11 @@ a token outside the anchor's top-k would make log π_ema = −∞.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Literal
 
 import torch
+
+from learners.prefix import SharedPrompts, head_on_positions, partitioned
 
 Baseline = Literal["rloo", "mean", "none"]
 
@@ -45,55 +45,44 @@ def sequence_logprobs_and_entropy(
     completion_mask: torch.Tensor,  # (B, L) true on completion tokens
     temperature: float = 1.0,
     token_temperature: float | None = None,
+    share_prompts: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(log π_T(y|x) summed over completion tokens (B,), mean token entropy (B,), per-token log-probs (N,)).
 
     π_T = softmax(logits / ``temperature``). Teacher forcing: the logits at position t-1 score the token
     at t. Only completion positions go through the output head and the log-softmax: prompt and padding
-    positions would be vocabulary-wide work thrown away. With ``token_temperature``, also the detached log-prob of every
-    completion token (row-major, the order of ``completion_mask``) at that temperature, for comparing
-    with the sampler's own; else None.
+    positions would be vocabulary-wide work thrown away. With ``share_prompts``, rows that repeat a prompt
+    (an RLOO group) compute it once (``learners.prefix``). With ``token_temperature``, also the detached
+    log-prob of every completion token (row-major, the order of ``completion_mask``) at that temperature,
+    for comparing with the sampler's own; else None.
     """
-    scored = completion_mask[:, 1:].bool()  # (B, L-1): a completion token is never at position 0
-    with head_on_scored_positions(model, scored):
-        token_logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (N, V)
-    rows = torch.nonzero(scored, as_tuple=True)[0]  # (N,) which sequence each scored token belongs to
-    targets = input_ids[:, 1:][scored]  # (N,)
-    logp, entropy = token_logprobs(token_logits, targets, temperature)  # (N,), (N,)
+    layout = (input_ids, attention_mask, completion_mask)
+    shared = SharedPrompts.of(*layout, always=partitioned(model)) if share_prompts else None
+    if shared is None:
+        scored = completion_mask[:, 1:].bool()  # (B, L-1): a completion token is never at position 0
+        with head_on_positions(model, torch.nn.functional.pad(scored, (0, 1))):
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (N, V)
+        parts = [(logits, input_ids[:, 1:][scored], torch.nonzero(scored, as_tuple=True)[0])]
+        order = None
+    else:
+        parts, order = shared.token_logits(model)
+    per_part = [token_logprobs(logits, targets, temperature) for logits, targets, _ in parts]
+    logp = torch.cat([lp for lp, _ in per_part])  # (N,)
+    entropy = torch.cat([e for _, e in per_part])  # (N,)
+    rows = torch.cat([r for _, _, r in parts])  # (N,) which sequence each scored token belongs to
     tokens = None
     if token_temperature is not None:
         with torch.no_grad():
-            same = token_temperature == temperature
-            tokens = logp.detach() if same else token_logprobs(token_logits, targets, token_temperature)[0]
+            if token_temperature == temperature:
+                tokens = logp.detach()
+            else:
+                tokens = torch.cat([token_logprobs(lg, t, token_temperature)[0] for lg, t, _ in parts])
+            tokens = tokens if order is None else tokens[order]
     batch = input_ids.shape[0]
     seq_logp = torch.zeros(batch, dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)  # (B,)
-    lengths = scored.sum(-1).clamp(min=1).to(logp.dtype)  # (B,)
+    lengths = completion_mask.sum(-1).clamp(min=1).to(logp.dtype)  # (B,)
     entropy_sum = torch.zeros(batch, dtype=logp.dtype, device=logp.device).index_add(0, rows, entropy)  # (B,)
     return seq_logp, entropy_sum / lengths, tokens
-
-
-@contextlib.contextmanager
-def head_on_scored_positions(model: torch.nn.Module, scored: torch.Tensor) -> Iterator[None]:
-    """While inside, the model's output head maps only the hidden states at ``scored`` positions (B, L-1) to
-    logits, so the forward returns logits (N, V) for the N scored positions instead of (B, L, V).
-
-    The head is the largest single matrix of a small model (SmolLM2-135M: 49152 × 576, a fifth of its
-    weights) and prompt and padding positions are about 40% of the demo's: their logits would be computed,
-    back-propagated through and thrown away. A pre-hook on the head changes its input and nothing else, so
-    the forward stays the model's own (DeepSpeed's engine, ZeRO-3's parameter hooks, a peft wrapper).
-    """
-    inner = model.module if isinstance(getattr(model, "module", None), torch.nn.Module) else model  # DeepSpeed
-    head = inner.get_output_embeddings()
-
-    def select(_module: torch.nn.Module, args: tuple) -> tuple:
-        hidden, *rest = args  # (B, L, H)
-        return (hidden[:, :-1][scored], *rest)  # (N, H)
-
-    handle = head.register_forward_pre_hook(select)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def attention_for(device: torch.device, dtype: str) -> str:
@@ -117,9 +106,11 @@ def sequence_logprobs(
     attention_mask: torch.Tensor,  # (B, L)
     completion_mask: torch.Tensor,  # (B, L)
     temperature: float = 1.0,
+    share_prompts: bool = True,
 ) -> torch.Tensor:
     """log π_T(y|x) = Σ_t log π_T(y_t | x, y_<t) over completion tokens, under teacher forcing. (B,)"""
-    return sequence_logprobs_and_entropy(model, input_ids, attention_mask, completion_mask, temperature)[0]
+    args = (model, input_ids, attention_mask, completion_mask, temperature)
+    return sequence_logprobs_and_entropy(*args, share_prompts=share_prompts)[0]
 
 
 def kl_shaped_reward(

@@ -187,6 +187,8 @@ class LearnersConfig(_Section):
     """Sequences per forward/backward on one rank; the rest is gradient accumulation."""
     baseline: Literal["rloo", "mean", "none"] = "rloo"
     """REINFORCE baseline: leave-one-out mean per prompt (default), batch mean, or none."""
+    share_prompts: bool = True
+    """Compute each prompt once per micro-batch and reuse its key/value cache for all its samples (same log-probs)."""
     anchor_on_cpu: bool = False
     """Keep the EMA anchor in CPU memory (large models on GPU; ZeRO 0-2: under ZeRO-3 the anchor is partitioned)."""
     zero3_persistence_threshold: int = 100_000

@@ -46,3 +46,16 @@ def test_to_tensors_masks_completions():
     torch.testing.assert_close(batch["sampler_logprobs"][1], torch.tensor([0.0, -0.1, -0.2, -0.3]))
     scored = batch["sampler_logprobs"][batch["completion_mask"]]
     torch.testing.assert_close(scored, torch.tensor([-0.5, -1.0, -0.1, -0.2, -0.3, -2.0]))
+
+
+def test_to_tensors_refuses_an_empty_prompt():
+    import pytest
+
+    from actors.rollout import RolloutError
+
+    table = _table()
+    prompt_ids = table.column("prompt_ids").to_pylist()
+    prompt_ids[2] = []
+    table = table.set_column(1, "prompt_ids", pa.array(prompt_ids, type=ROLLOUT_SCHEMA.field("prompt_ids").type))
+    with pytest.raises(RolloutError, match="row 2 has empty prompt_ids"):
+        to_tensors(table, pad_id=9)

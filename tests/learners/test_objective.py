@@ -46,9 +46,11 @@ class Bigram(torch.nn.Module):
     def get_output_embeddings(self) -> torch.nn.Module:
         return self.head
 
-    def forward(self, input_ids, attention_mask=None, use_cache=False):
+    def forward(self, input_ids, attention_mask=None, use_cache=False, past_key_values=None, position_ids=None):
         one_hot = torch.nn.functional.one_hot(input_ids, self.table.shape[0]).to(self.table.dtype)  # (B, L, V)
-        return SimpleNamespace(logits=self.head(one_hot))
+        # A bigram needs no context, so its cache is empty; it lets the shared-prompt forward run on it.
+        cache = SimpleNamespace(batch_select_indices=lambda _rows: None) if use_cache else None
+        return SimpleNamespace(logits=self.head(one_hot), past_key_values=cache)
 
 
 def toy_batch():
@@ -68,10 +70,12 @@ def test_sequence_logprobs_sum_teacher_forced_completion_tokens():
     torch.testing.assert_close(logp.detach(), torch.tensor(expected))
 
 
+@pytest.mark.parametrize("share", [False, True], ids=["plain", "shared-prompts"])
 @pytest.mark.parametrize("kernel", ["eager", "sdpa"])  # the learner's attention: bf16 and fp32 on CPU
-def test_only_completion_positions_reach_the_output_head_of_a_real_model(tiny_model_dir, kernel):
-    """The head maps the N scored positions alone, and log-probs, entropy and gradients equal those computed
-    from the model's full (B, L, V) logits."""
+def test_only_completion_positions_reach_the_output_head_of_a_real_model(tiny_model_dir, kernel, share):
+    """The head maps the N scored positions alone (shared prompts: each prompt's last position, then the
+    completions' own), and log-probs, entropy and gradients equal those computed from the model's full
+    (B, L, V) logits over every row's whole prompt + completion."""
     from transformers import AutoModelForCausalLM
 
     from learners.objective import token_logprobs
@@ -81,10 +85,16 @@ def test_only_completion_positions_reach_the_output_head_of_a_real_model(tiny_mo
     ids = ids + 40  # ordinary tokens of the tiny tokenizer
     seen = []
     handle = model.get_output_embeddings().register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape))
-    logp, entropy, _ = sequence_logprobs_and_entropy(model, ids, attention, completion, temperature=0.7)
+    logp, entropy, _ = sequence_logprobs_and_entropy(
+        model, ids, attention, completion, temperature=0.7, share_prompts=share
+    )
     handle.remove()
     scored = completion[:, 1:]
-    assert seen == [torch.Size([int(scored.sum()), model.config.hidden_size])]
+    hidden = model.config.hidden_size
+    if share:  # two distinct prompts; the 4 first tokens are scored by the prompts' forward
+        assert seen == [torch.Size([2, hidden]), torch.Size([int(scored.sum()) - 4, hidden])]
+    else:
+        assert seen == [torch.Size([int(scored.sum()), hidden])]
     (grad,) = torch.autograd.grad(logp.sum(), model.model.embed_tokens.weight)
 
     full = model(input_ids=ids, attention_mask=attention).logits  # (B, L, V)
@@ -228,3 +238,54 @@ def test_pack_micro_batches():
 def test_bad_config_is_a_clear_error(key, value, message):
     with pytest.raises(ConfigError, match=message):
         LearnersConfig(**{key: value})
+
+
+def test_shared_prompts_give_the_plain_forward_per_token_results_in_row_order(tiny_model_dir):
+    """Rows of one prompt need not be adjacent, groups differ in size, prompts in length, one completion is empty:
+    the shared-prompt forward gives the plain forward's sums, entropies, per-token log-probs (row-major, at
+    another temperature) and gradients."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    prompts = {0: [41, 42, 43], 1: [50], 2: [60, 61]}
+    rows = [(0, [70, 71, 72]), (1, [73]), (0, [74]), (2, [75, 76]), (1, [77, 78, 79, 80]), (0, []), (1, [81, 82])]
+    width = max(len(prompts[g]) + len(c) for g, c in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    completion = torch.zeros_like(ids, dtype=torch.bool)
+    for b, (g, c) in enumerate(rows):
+        p = prompts[g]
+        ids[b, : len(p) + len(c)] = torch.tensor(p + c)
+        attention[b, : len(p) + len(c)] = 1
+        completion[b, len(p) : len(p) + len(c)] = True
+
+    results = {}
+    for share in (False, True):
+        logp, entropy, tokens = sequence_logprobs_and_entropy(
+            model, ids, attention, completion, temperature=0.7, token_temperature=1.0, share_prompts=share
+        )
+        (grad,) = torch.autograd.grad(logp.sum(), model.model.layers[0].self_attn.q_proj.weight)
+        results[share] = (logp.detach(), entropy, tokens, grad)
+    for plain, shared in zip(results[False], results[True], strict=True):
+        torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)
+    assert results[True][2].shape == (int(completion.sum()),)
+    assert float(results[True][0][5]) == 0.0  # the empty completion
+
+
+@pytest.mark.parametrize("zero3", [False, True])
+def test_shared_prompts_take_two_forwards_where_a_prompt_repeats_and_always_under_zero3(zero3):
+    """Rows that repeat no prompt (or a one-row dummy) take the plain single forward; but ZeRO-3 gathers the
+    parameters in every forward, collectively, so a ZeRO-3 rank runs two whatever its rows, or ranks hang."""
+    model = Bigram()
+    if zero3:
+        model.table.ds_status = "partitioned"  # what DeepSpeed's ZeRO-3 marks its parameters with
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    ids, attention, completion = toy_batch()
+    for rows, forwards in ((slice(0, 4), 2), (slice(1, 3), 2 if zero3 else 1), (slice(0, 1), 2 if zero3 else 1)):
+        calls.clear()
+        sequence_logprobs(model, ids[rows], attention[rows], completion[rows])
+        assert len(calls) == forwards
+    calls.clear()
+    sequence_logprobs(model, ids, attention, completion, share_prompts=False)
+    assert len(calls) == 1
