@@ -45,8 +45,10 @@ format: $(STAMP)
 # The whole suite, slow tests included (README, Tests). Most of its time is processes starting (Ray, vLLM engines,
 # DeepSpeed learners), which leaves a core idle in a serial run: two pytest-xdist workers each take whole test
 # modules (--dist loadscope, so a module's engines, learners and clusters stay in one process). WORKERS=0: serially.
+# --no-loadscope-reorder: xdist would otherwise hand out modules by their number of tests, most first, which sent
+# the few-test, minutes-long modules (tests/conftest.py, LONGEST_FIRST) to the end, one of them running alone.
 WORKERS ?= 2
-XDIST := $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadscope)
+XDIST := $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadscope --no-loadscope-reorder)
 test: install lint
 	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 

@@ -25,8 +25,9 @@ def _has_cuda() -> bool:
 
 
 # The modules that take longest (each trains through the CLI or starts a cluster: minutes), longest first.
-# `make test` runs two pytest-xdist workers that take whole modules (--dist loadscope) in collection order, a
-# couple at a time: starting these first keeps one of them from running alone at the end.
+# `make test` runs two pytest-xdist workers that take whole modules (--dist loadscope) in collection order
+# (--no-loadscope-reorder: by default xdist orders modules by test count, which put these last), a couple at a
+# time: starting these first keeps one of them from running alone at the end.
 LONGEST_FIRST = (
     "tests/warp_rlhf/test_cluster.py",
     "tests/warp_rlhf/test_end_to_end.py",
