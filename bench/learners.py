@@ -204,17 +204,21 @@ def run(args: argparse.Namespace) -> list[dict]:
             "plain_completion_tok_s": round(completion_tokens / med["plain"], 1),
             "phases_s": breakdown(med),
         }
-        if args.unshared:
-            row |= {
-                "unshared_s": round(med["unshared"], 3),
-                "shared_vs_unshared": round(med["learner"] / med["unshared"], 3),
-            }
-            row["phases_s"] = breakdown(med, ("learner", "plain", "unshared"))
+        row |= unshared_columns(med) if args.unshared else {}
         print(json.dumps(row), flush=True)
         rows.append(row)
     if args.zero3_ranks:
         rows += zero3_rows(args, model_dir, table, plain)
     return rows
+
+
+def unshared_columns(med: dict[str, float]) -> dict:
+    """The learner without shared prompts, next to it: seconds, ratio and every step's phases."""
+    return {
+        "unshared_s": round(med["unshared"], 3),
+        "shared_vs_unshared": round(med["learner"] / med["unshared"], 3),
+        "phases_s": breakdown(med, ("learner", "plain", "unshared")),
+    }
 
 
 def zero3_rows(args: argparse.Namespace, model_dir, table: pa.Table, plain: PlainStep) -> list[dict]:
@@ -226,20 +230,29 @@ def zero3_rows(args: argparse.Namespace, model_dir, table: pa.Table, plain: Plai
     params = sum(p.numel() for p in plain.model.parameters())
     full_anchor = sum(p.numel() * p.element_size() for p in plain.anchor.parameters())
     full_anchor += 0 if args.dtype == "float32" else sum(t.numel() * 4 for t in plain.ema)  # fp32 accumulators
-    ray.init(num_cpus=max(2, *args.zero3_ranks), include_dashboard=False, log_to_driver=False)
+    learners = 2 if args.unshared else 1  # their ranks all live at once, one CPU each
+    ray.init(num_cpus=max(2, *args.zero3_ranks) * learners, include_dashboard=False, log_to_driver=False)
     rows = []
     try:
         for ranks in args.zero3_ranks:
             cfg = LearnersConfig(ranks=ranks, num_cpus=1, zero_stage=3, lr=1e-6, warmup_steps=0,
                                  micro_batch_size=args.micro_batch_size, zero3_persistence_threshold=0)  # fmt: skip
-            group = LearnerGroup(model_dir, cfg, beta=0.1, mu=0.01, dtype=args.dtype)
-            group.ready()
-            held = ray.get([r.__ray_call__.remote(lambda self: self.anchor.local_bytes()) for r in group.ranks])
-            # The loop hands rank 0's object-store ref to the engines; it never fetches it itself.
-            publish = lambda group=group: ray.wait([group.weights_ref()])  # noqa: E731
-            steps = {"plain": plain.step, "learner": publishing(group.step, publish)}
+            groups = {"learner": LearnerGroup(model_dir, cfg, beta=0.1, mu=0.01, dtype=args.dtype)}
+            if args.unshared:
+                unshared = replace(cfg, share_prompts=False)
+                groups["unshared"] = LearnerGroup(model_dir, unshared, beta=0.1, mu=0.01, dtype=args.dtype)
+            for group in groups.values():
+                group.ready()
+            ranks_of_learner = groups["learner"].ranks
+            held = ray.get([r.__ray_call__.remote(lambda self: self.anchor.local_bytes()) for r in ranks_of_learner])
+            steps = {"plain": plain.step}
+            for name, group in groups.items():
+                # The loop hands rank 0's object-store ref to the engines; it never fetches it itself.
+                publish = lambda group=group: ray.wait([group.weights_ref()])  # noqa: E731
+                steps[name] = publishing(group.step, publish)
             med = median_seconds(steps, table, args.warmup, args.steps)
-            group.shutdown()
+            for group in groups.values():
+                group.shutdown()
             row = {
                 "zero_stage": 3,
                 "ranks": ranks,
@@ -250,7 +263,7 @@ def zero3_rows(args: argparse.Namespace, model_dir, table: pa.Table, plain: Plai
                 "plain_s": round(med["plain"], 3),
                 "ratio": round(med["learner"] / med["plain"], 3),
                 "phases_s": breakdown(med),
-            }
+            } | (unshared_columns(med) if args.unshared else {})
             print(json.dumps(row), flush=True)
             rows.append(row)
     finally:
