@@ -187,15 +187,23 @@ class LearnersConfig(_Section):
     """Sequences per forward/backward on one rank; the rest is gradient accumulation."""
     baseline: Literal["rloo", "mean", "none"] = "rloo"
     """REINFORCE baseline: leave-one-out mean per prompt (default), batch mean, or none."""
-    share_prompts: bool = True
+    share_prompts: Literal["auto", True, False] = "auto"
     """Compute each prompt once per micro-batch and reuse its key/value cache for all its samples (same log-probs).
-    Under ZeRO-3 each forward then gathers the parameters twice: 1.5x slower on 2 CPU ranks at the demo's shapes."""
+    auto: on where the ranks compute on CPUs without ZeRO-3, off on GPUs and under ZeRO-3, where it measured
+    slower (two passes: on a GPU twice the kernel launches, under ZeRO-3 twice the parameter gathers)."""
     anchor_on_cpu: bool = False
     """Keep the EMA anchor in CPU memory (large models on GPU; ZeRO 0-2: under ZeRO-3 the anchor is partitioned)."""
     zero3_persistence_threshold: int = 100_000
     """ZeRO-3: parameters with fewer elements stay whole on every rank (DeepSpeed's default); 0 partitions all."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """Train a LoRA adapter (peft) on the frozen θ_init instead of the full model: `learners.lora.rank` > 0."""
+
+    @property
+    def shares_prompts(self) -> bool:
+        """``share_prompts`` resolved: auto shares on CPU ranks without ZeRO-3 only (README, Benchmarks)."""
+        if self.share_prompts == "auto":
+            return self.num_gpus == 0 and self.zero_stage != 3
+        return bool(self.share_prompts)
 
     def __post_init__(self) -> None:
         k = self._key
@@ -215,6 +223,8 @@ class LearnersConfig(_Section):
         _require(self.grad_clip >= 0, k("grad_clip"), self.grad_clip, ">= 0 (0 disables)")
         _require(self.micro_batch_size >= 1, k("micro_batch_size"), self.micro_batch_size, ">= 1")
         _require(self.baseline in ("rloo", "mean", "none"), k("baseline"), self.baseline, "rloo, mean or none")
+        _require(self.share_prompts == "auto" or isinstance(self.share_prompts, bool), k("share_prompts"),
+                 self.share_prompts, "auto, true or false")  # fmt: skip
         _require(
             not (self.anchor_on_cpu and self.zero_stage == 3),
             k("anchor_on_cpu"),
@@ -477,8 +487,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check ``value`` against a field's type hint, converting YAML's int→float and list→tuple."""
     origin = typing.get_origin(hint)
     if origin is Literal:
-        if value not in typing.get_args(hint):
-            choices = ", ".join(str(a) for a in typing.get_args(hint))
+        if not any(value == a and type(value) is type(a) for a in typing.get_args(hint)):  # 1 is not True here
+            choices = ", ".join(str(a).lower() if isinstance(a, bool) else str(a) for a in typing.get_args(hint))
             raise ConfigError(f"{key} = {value!r}: must be one of {choices}")
         return value
     if origin is tuple:

@@ -169,3 +169,26 @@ def test_policy_every_is_zero_or_a_step_count() -> None:
     assert config_from_dict({"output": {"policy_every": 4}, "warp": {"steps": 1}}).output.policy_every == 4
     with pytest.raises(ConfigError, match=r"output.policy_every = -1: must be >= 0 \(0: only the final\)"):
         config_from_dict({"output": {"policy_every": -1}, "warp": {"steps": 1}})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "shares"),
+    [
+        ([], True),  # CPU ranks, ZeRO 0: one pass per prompt measured faster (README, Benchmarks)
+        (["learners.zero_stage=2"], True),
+        (["learners.zero_stage=3"], False),  # two passes gather the parameters twice
+        (["learners.num_gpus=1"], False),  # on an H200, 1.25-1.46x slower shared
+        (["learners.num_gpus=1", "learners.share_prompts=true"], True),  # an explicit choice is kept
+        (["learners.share_prompts=false"], False),
+    ],
+)
+def test_share_prompts_auto_resolves_by_where_the_ranks_compute(overrides: list[str], shares: bool) -> None:
+    learners = config_from_dict({}, overrides).learners
+    assert learners.shares_prompts is shares
+
+
+def test_share_prompts_is_auto_true_or_false() -> None:
+    assert Config().learners.share_prompts == "auto"
+    for bad in ("learners.share_prompts=1", "learners.share_prompts=sometimes"):
+        with pytest.raises(ConfigError, match=r"learners.share_prompts = .*: must be one of auto, true, false"):
+            config_from_dict({}, [bad])
