@@ -10,14 +10,20 @@ medians of anchor forward, policy forward, backward, optimizer (clip + AdamW + m
 update and weight publish, for the learner (from its step metrics) next to the plain step (timed the
 same way). Publish is what the learner does for the engines after each step: ``weights()``, the policy
 packed into one FlatWeights buffer (a ZeRO-3 group: gathered, and rank 0's put in the object store);
-the plain step's peer is the least any publish does, one ``torch.cat`` of the weights into one buffer.
+the plain step's peer is the least any publish does, one ``torch.cat`` of the weights into one host buffer.
 
     .venv/bin/python -m bench.learners --stages 0 1 2
     .venv/bin/python -m bench.learners --stages --zero3-ranks 1 2 --dtype float32
     .venv/bin/python -m bench.learners --stages 0 --unshared
+    python -m bench.learners --device cuda --model DIR --stages 0 2   # one GPU: learner (num_gpus 1) vs plain
 
-Both steps compute each prompt once per micro-batch (``learners.share_prompts``, on by default);
-``--unshared`` adds a third step in the alternation, the learner with it off, and the ratio between them.
+On CUDA both steps run on the GPU and every phase ends with a device synchronise (the learner's clock does it
+there too), so phases are kernel time, not launch time.
+
+The learner runs with ``learners.share_prompts: auto`` (each prompt computed once per micro-batch on CPU
+ranks without ZeRO-3; every row's prompt computed on a GPU and under ZeRO-3), and the plain step does as the
+learner does. ``--unshared`` adds a third step in the alternation, the learner with the other setting, and
+reports both (``shared_s``, ``unshared_s``) and the ratio between them.
 
 ``--zero3-ranks`` runs ZeRO-3 learners of R ranks (Ray actors, gloo, every parameter partitioned:
 persistence threshold 0) and reports the EMA anchor's bytes per rank, measured from the tensors each
@@ -77,15 +83,22 @@ class PlainStep:
     """The same REINFORCE step in plain PyTorch: a bf16 model, fp32 master weights, torch AdamW."""
 
     def __init__(
-        self, model_dir, cfg: LearnersConfig, beta: float, mu: float, fp32_master: bool = True, dtype: str = "bfloat16"
+        self,
+        model_dir,
+        cfg: LearnersConfig,
+        beta: float,
+        mu: float,
+        fp32_master: bool = True,
+        dtype: str = "bfloat16",
+        device: str = "cpu",
     ) -> None:
         from transformers import AutoModelForCausalLM
 
-        cpu = torch.device("cpu")
+        self.device = torch.device(device)
         # As the learner loads it.
-        load = dict(dtype=getattr(torch, dtype), attn_implementation=attention_for(cpu, dtype))
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, **load)
-        self.anchor = AutoModelForCausalLM.from_pretrained(model_dir, **load).eval()
+        load = dict(dtype=getattr(torch, dtype), attn_implementation=attention_for(self.device, dtype))
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, **load).to(self.device)
+        self.anchor = AutoModelForCausalLM.from_pretrained(model_dir, **load).to(self.device).eval()
         fp32_master = fp32_master and dtype != "float32"
         self.anchor.requires_grad_(False)
         self.ema = [p.detach().float() for p in self.anchor.parameters()]
@@ -94,18 +107,19 @@ class PlainStep:
         kw = dict(lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay, fused=True)
         self.optimizer = torch.optim.AdamW(self.master, **kw)
         self.cfg, self.beta, self.mu, self.fp32_master = cfg, beta, mu, fp32_master
+        self.share = cfg.shares_prompts  # as the learner of the same config does; run() sets it per ZeRO stage
 
     def step(self, table: pa.Table) -> dict[str, float]:
         """One step; returns its seconds per phase, named as the learner's metrics name them."""
-        clock = Phases()
-        batch = to_tensors(table, 0)
+        clock = Phases(torch.cuda.synchronize if self.device.type == "cuda" else None)
+        batch = {k: v.to(self.device) for k, v in to_tensors(table, 0).items()}
         inputs = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-        reward = torch.from_numpy(table.column("reward").to_numpy())
-        group = torch.from_numpy(table.column("group_id").to_numpy().copy())
+        reward = torch.from_numpy(table.column("reward").to_numpy()).to(self.device)
+        group = torch.from_numpy(table.column("group_id").to_numpy().copy()).to(self.device)
         with clock("anchor"), torch.no_grad():
-            logp_anchor = sequence_logprobs(self.anchor, *inputs)
+            logp_anchor = sequence_logprobs(self.anchor, *inputs, share_prompts=self.share)
         with clock("forward"):
-            logp = sequence_logprobs(self.model, *inputs)
+            logp = sequence_logprobs(self.model, *inputs, share_prompts=self.share)
             adv = advantages(kl_shaped_reward(reward, logp, logp_anchor, self.beta), group, self.cfg.baseline)
             loss = reinforce_loss(logp, adv)
         with clock("backward"):
@@ -126,7 +140,7 @@ class PlainStep:
             torch._foreach_lerp_(self.ema, [p.float() for p in params], self.mu)
             torch._foreach_copy_(list(self.anchor.parameters()), self.ema)
         with clock("publish"), torch.no_grad():
-            self.published = torch.cat([p.detach().reshape(-1) for p in params])
+            self.published = torch.cat([p.detach().reshape(-1) for p in params]).cpu()  # a no-op on CPU
         return clock.seconds
 
 
@@ -176,24 +190,29 @@ def breakdown(med: dict[str, float], names: tuple[str, ...] = ("learner", "plain
 def run(args: argparse.Namespace) -> list[dict]:
     from learners.learner import LearnerRank
 
-    model_dir = resolve_model("smollm2-135m", dtype=args.dtype)
-    table = make_batch(args.prompts, args.samples, args.prompt_len, args.new_tokens, vocab=49152)
+    model_dir = resolve_model(args.model, dtype=args.dtype)
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    table = make_batch(args.prompts, args.samples, args.prompt_len, args.new_tokens, vocab=vocab)
     completion_tokens = args.prompts * args.samples * args.new_tokens
-    base_cfg = LearnersConfig(lr=1e-6, warmup_steps=0, micro_batch_size=args.micro_batch_size)
-    plain = PlainStep(model_dir, base_cfg, beta=0.1, mu=0.01, dtype=args.dtype)
-    naive = PlainStep(model_dir, base_cfg, beta=0.1, mu=0.01, fp32_master=False, dtype=args.dtype)
+    gpus = 1.0 if args.device == "cuda" else 0.0
+    base_cfg = LearnersConfig(num_gpus=gpus, lr=1e-6, warmup_steps=0, micro_batch_size=args.micro_batch_size)
+    plain = PlainStep(model_dir, base_cfg, beta=0.1, mu=0.01, dtype=args.dtype, device=args.device)
+    naive = PlainStep(model_dir, base_cfg, beta=0.1, mu=0.01, fp32_master=False, dtype=args.dtype, device=args.device)
     rows = []
     for stage in args.stages:
-        cfg = LearnersConfig(zero_stage=stage, lr=1e-6, warmup_steps=0, micro_batch_size=args.micro_batch_size)
+        cfg = LearnersConfig(zero_stage=stage, num_gpus=gpus, lr=1e-6, warmup_steps=0,
+                             micro_batch_size=args.micro_batch_size)  # fmt: skip
         learner = LearnerRank(model_dir, cfg, beta=0.1, mu=0.01, dtype=args.dtype)
+        plain.share = naive.share = cfg.shares_prompts
         steps = {"plain": plain.step, "learner": publishing(learner.step, learner.weights), "naive": naive.step}
         if args.unshared:
-            unshared = LearnerRank(model_dir, replace(cfg, share_prompts=False), beta=0.1, mu=0.01, dtype=args.dtype)
-            steps["unshared"] = publishing(unshared.step, unshared.weights)
+            flipped = replace(cfg, share_prompts=not cfg.shares_prompts)
+            other = LearnerRank(model_dir, flipped, beta=0.1, mu=0.01, dtype=args.dtype)
+            steps[other_name(cfg)] = publishing(other.step, other.weights)
         med = median_seconds(steps, table, args.warmup, args.steps)
         learner.shutdown()
         if args.unshared:
-            unshared.shutdown()
+            other.shutdown()
         row = {
             "zero_stage": stage,
             "learner_s": round(med["learner"], 3),
@@ -204,7 +223,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             "plain_completion_tok_s": round(completion_tokens / med["plain"], 1),
             "phases_s": breakdown(med),
         }
-        row |= unshared_columns(med) if args.unshared else {}
+        row |= sharing_columns(med, cfg) if args.unshared else {}
         print(json.dumps(row), flush=True)
         rows.append(row)
     if args.zero3_ranks:
@@ -212,12 +231,21 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def unshared_columns(med: dict[str, float]) -> dict:
-    """The learner without shared prompts, next to it: seconds, ratio and every step's phases."""
+def other_name(cfg: LearnersConfig) -> str:
+    """The name of the learner with the other ``share_prompts`` setting than ``cfg`` resolves to."""
+    return "unshared" if cfg.shares_prompts else "shared"
+
+
+def sharing_columns(med: dict[str, float], cfg: LearnersConfig) -> dict:
+    """The learner with and without shared prompts (one of them is ``learner``): seconds, ratio, phases."""
+    other = other_name(cfg)
+    shared, unshared = (med["learner"], med[other]) if other == "unshared" else (med[other], med["learner"])
     return {
-        "unshared_s": round(med["unshared"], 3),
-        "shared_vs_unshared": round(med["learner"] / med["unshared"], 3),
-        "phases_s": breakdown(med, ("learner", "plain", "unshared")),
+        "shares_prompts": cfg.shares_prompts,
+        "shared_s": round(shared, 3),
+        "unshared_s": round(unshared, 3),
+        "shared_vs_unshared": round(shared / unshared, 3),
+        "phases_s": breakdown(med, ("learner", "plain", other)),
     }
 
 
@@ -239,12 +267,13 @@ def zero3_rows(args: argparse.Namespace, model_dir, table: pa.Table, plain: Plai
                                  micro_batch_size=args.micro_batch_size, zero3_persistence_threshold=0)  # fmt: skip
             groups = {"learner": LearnerGroup(model_dir, cfg, beta=0.1, mu=0.01, dtype=args.dtype)}
             if args.unshared:
-                unshared = replace(cfg, share_prompts=False)
-                groups["unshared"] = LearnerGroup(model_dir, unshared, beta=0.1, mu=0.01, dtype=args.dtype)
+                flipped = replace(cfg, share_prompts=not cfg.shares_prompts)
+                groups[other_name(cfg)] = LearnerGroup(model_dir, flipped, beta=0.1, mu=0.01, dtype=args.dtype)
             for group in groups.values():
                 group.ready()
             ranks_of_learner = groups["learner"].ranks
             held = ray.get([r.__ray_call__.remote(lambda self: self.anchor.local_bytes()) for r in ranks_of_learner])
+            plain.share = cfg.shares_prompts
             steps = {"plain": plain.step}
             for name, group in groups.items():
                 # The loop hands rank 0's object-store ref to the engines; it never fetches it itself.
@@ -263,7 +292,7 @@ def zero3_rows(args: argparse.Namespace, model_dir, table: pa.Table, plain: Plai
                 "plain_s": round(med["plain"], 3),
                 "ratio": round(med["learner"] / med["plain"], 3),
                 "phases_s": breakdown(med),
-            } | (unshared_columns(med) if args.unshared else {})
+            } | (sharing_columns(med, cfg) if args.unshared else {})
             print(json.dumps(row), flush=True)
             rows.append(row)
     finally:
@@ -274,6 +303,8 @@ def zero3_rows(args: argparse.Namespace, model_dir, table: pa.Table, plain: Plai
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stages", type=int, nargs="*", default=[0, 1, 2])
+    parser.add_argument("--model", default="smollm2-135m", help="alias or HF directory (default smollm2-135m)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both steps compute")
     parser.add_argument("--zero3-ranks", type=int, nargs="*", default=[], help="ZeRO-3 learners of these ranks")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     parser.add_argument("--prompts", type=int, default=8)
@@ -284,13 +315,18 @@ def main() -> None:
     parser.add_argument(
         "--unshared",
         action="store_true",
-        help="also time a learner with learners.share_prompts = false (each row's prompt computed)",
+        help="also time the learner with the other learners.share_prompts setting than auto picks",
     )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
     shape = f"{args.prompts}x{args.samples}, {args.prompt_len} prompt + {args.new_tokens} new tokens"
-    print(f"torch threads {torch.get_num_threads()}; batch {shape}; medians of {args.steps} steps", flush=True)
+    if args.device == "cuda" and args.zero3_ranks:
+        parser.error("--zero3-ranks runs gloo ranks on the CPU; leave it out with --device cuda")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch finds no CUDA device here")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"torch threads {torch.get_num_threads()}"
+    print(f"{where}; {args.dtype}; batch {shape}; medians of {args.steps} steps", flush=True)
     run(args)
 
 
