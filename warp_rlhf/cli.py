@@ -42,6 +42,10 @@ def _config_show(args: argparse.Namespace) -> int:
     config, why = resolve_dtype(load_config(args.config, args.overrides))
     sys.stdout.write(dump_config(config))
     sys.stdout.write(f"# model.dtype = {config.model.dtype}: {why}\n")
+    learners = config.learners
+    if learners.share_prompts == "auto":
+        where = "CPU ranks without ZeRO-3" if learners.shares_prompts else "GPU ranks or ZeRO-3"
+        sys.stdout.write(f"# learners.share_prompts = {str(learners.shares_prompts).lower()}: auto: {where}\n")
     if warning := emulated_warning(config):
         sys.stdout.write(f"# warning: {warning}\n")
     return 0

@@ -73,3 +73,4 @@ def test_config_show_prints_the_resolved_dtype_and_why() -> None:
     expected = "bfloat16" if native_bf16_cpu() else "float32"
     assert f"  dtype: {expected}\n" in result.stdout
     assert f"# model.dtype = {expected}: auto: this CPU (" in result.stdout
+    assert "# learners.share_prompts = true: auto: CPU ranks without ZeRO-3\n" in result.stdout
