@@ -49,6 +49,9 @@ format: $(STAMP)
 # the few-test, minutes-long modules (tests/conftest.py, LONGEST_FIRST) to the end, one of them running alone.
 WORKERS ?= 2
 XDIST := $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadscope --no-loadscope-reorder)
+# The suite runs a dozen processes (engines, learners, Ray's daemons) on two cores; an OpenMP thread that ends a
+# parallel region spins before it sleeps (libgomp's default), taking a core another process is waiting for.
+test test-fast: export OMP_WAIT_POLICY ?= PASSIVE
 test: install lint
 	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
