@@ -111,7 +111,7 @@ class PlainStep:
 
     def step(self, table: pa.Table) -> dict[str, float]:
         """One step; returns its seconds per phase, named as the learner's metrics name them."""
-        clock = Phases(torch.cuda.synchronize if self.device.type == "cuda" else None)
+        clock = Phases.on(self.device)
         batch = {k: v.to(self.device) for k, v in to_tensors(table, 0).items()}
         inputs = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
         reward = torch.from_numpy(table.column("reward").to_numpy()).to(self.device)
@@ -206,9 +206,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         plain.share = naive.share = cfg.shares_prompts
         steps = {"plain": plain.step, "learner": publishing(learner.step, learner.weights), "naive": naive.step}
         if args.unshared:
-            flipped = replace(cfg, share_prompts=not cfg.shares_prompts)
+            name, flipped = other_sharing(cfg)
             other = LearnerRank(model_dir, flipped, beta=0.1, mu=0.01, dtype=args.dtype)
-            steps[other_name(cfg)] = publishing(other.step, other.weights)
+            steps[name] = publishing(other.step, other.weights)
         med = median_seconds(steps, table, args.warmup, args.steps)
         learner.shutdown()
         if args.unshared:
@@ -231,14 +231,15 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def other_name(cfg: LearnersConfig) -> str:
-    """The name of the learner with the other ``share_prompts`` setting than ``cfg`` resolves to."""
-    return "unshared" if cfg.shares_prompts else "shared"
+def other_sharing(cfg: LearnersConfig) -> tuple[str, LearnersConfig]:
+    """(name, config) of the learner with the other ``share_prompts`` setting than ``cfg`` resolves to."""
+    name = "unshared" if cfg.shares_prompts else "shared"
+    return name, replace(cfg, share_prompts=not cfg.shares_prompts)
 
 
 def sharing_columns(med: dict[str, float], cfg: LearnersConfig) -> dict:
     """The learner with and without shared prompts (one of them is ``learner``): seconds, ratio, phases."""
-    other = other_name(cfg)
+    other, _ = other_sharing(cfg)
     shared, unshared = (med["learner"], med[other]) if other == "unshared" else (med[other], med["learner"])
     return {
         "shares_prompts": cfg.shares_prompts,
@@ -267,8 +268,8 @@ def zero3_rows(args: argparse.Namespace, model_dir, table: pa.Table, plain: Plai
                                  micro_batch_size=args.micro_batch_size, zero3_persistence_threshold=0)  # fmt: skip
             groups = {"learner": LearnerGroup(model_dir, cfg, beta=0.1, mu=0.01, dtype=args.dtype)}
             if args.unshared:
-                flipped = replace(cfg, share_prompts=not cfg.shares_prompts)
-                groups[other_name(cfg)] = LearnerGroup(model_dir, flipped, beta=0.1, mu=0.01, dtype=args.dtype)
+                name, flipped = other_sharing(cfg)
+                groups[name] = LearnerGroup(model_dir, flipped, beta=0.1, mu=0.01, dtype=args.dtype)
             for group in groups.values():
                 group.ready()
             ranks_of_learner = groups["learner"].ranks

@@ -171,7 +171,7 @@ class LearnerRank:
         flags = [len(rollouts), len(micro), int(not reward_finite), int(not intact)]
         num_seqs, num_micro, num_bad, num_cut = agree(flags, self.world_size, self.device)
         padded = micro + [micro[0][:1]] * (num_micro - len(micro))  # dummies: results discarded
-        clock = Phases(torch.cuda.synchronize if self.device.type == "cuda" else None)
+        clock = Phases.on(self.device)
         share = self.cfg.shares_prompts
         with clock("anchor"), torch.no_grad():
             anchor_logp = torch.cat(

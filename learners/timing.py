@@ -5,6 +5,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Phases:
@@ -18,6 +22,15 @@ class Phases:
     def __init__(self, sync: Callable[[], None] | None = None) -> None:
         self.seconds: dict[str, float] = {}
         self.sync = sync or (lambda: None)
+
+    @classmethod
+    def on(cls, device: torch.device) -> Phases:
+        """The clock for work on ``device``: synchronised around each phase on CUDA, plain elsewhere."""
+        if device.type == "cuda":
+            import torch
+
+            return cls(torch.cuda.synchronize)
+        return cls()
 
     @contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
