@@ -40,6 +40,11 @@ def native_bf16_cpu() -> str | None:
     return next((flag for flag in BF16_CPU_FLAGS if flag in flags), None)
 
 
+def demo_config() -> str:
+    """The CPU demo `make demo` trains here: sized for bf16 where this CPU computes it, else the fp32 demo."""
+    return "configs/demo.yaml" if native_bf16_cpu() else "configs/demo-fp32.yaml"
+
+
 def uses_gpus(cfg: Config) -> bool:
     return cfg.learners.num_gpus > 0 or cfg.actors.num_gpus > 0
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from warp_rlhf import hardware
-from warp_rlhf.config import config_from_dict
+from warp_rlhf.config import config_from_dict, load_config
 from warp_rlhf.hardware import emulated_warning, native_bf16_cpu, resolve_dtype
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,3 +74,18 @@ def test_config_show_prints_the_resolved_dtype_and_why() -> None:
     assert f"  dtype: {expected}\n" in result.stdout
     assert f"# model.dtype = {expected}: auto: this CPU (" in result.stdout
     assert "# learners.share_prompts = true: auto: CPU ranks without ZeRO-3\n" in result.stdout
+
+
+@pytest.mark.parametrize(("flags", "demo"), [((), "configs/demo-fp32.yaml"), (("avx512_bf16",), "configs/demo.yaml")])
+def test_make_demo_trains_the_demo_sized_for_the_dtype_auto_picks(cpu, flags: tuple[str, ...], demo: str) -> None:
+    """Where auto picks fp32 the demo does about half the work (configs/demo-fp32.yaml), to stay within 10 minutes."""
+    cpu(*flags)
+    assert hardware.demo_config() == demo
+    cfg, why = resolve_dtype(load_config(ROOT / demo))
+    assert why.startswith("auto: ") and cfg.model.dtype == ("bfloat16" if flags else "float32")
+
+
+def test_make_demo_runs_the_config_of_this_machines_cpu() -> None:
+    dry = subprocess.run(["make", "-n", "demo", "DEMO_DIR=/nonexistent"], capture_output=True, text=True, cwd=ROOT,
+                         check=True)  # fmt: skip
+    assert f"train --config {hardware.demo_config()} --resume output.dir=/nonexistent\n" in dry.stdout
