@@ -61,9 +61,9 @@ test-fast: install lint
 # Trains the CPU demo (resuming it if interrupted; a finished run is not trained again), then evaluates it. Its size
 # follows the dtype `model.dtype: auto` picks on this CPU: configs/demo.yaml where bf16 is native (avx512_bf16 or
 # AMX), configs/demo-fp32.yaml, about half the work, where it would be emulated and auto picks fp32 (README, The CPU
-# demo). Expanded when the recipe runs, after `install`.
-DEMO_DIR ?= runs/demo
+# demo). Expanded when the recipe runs, after `install`. Each demo has its own directory: runs/demo, runs/demo-fp32.
 DEMO_CONFIG ?= $(shell $(PY) -c 'from warp_rlhf.hardware import demo_config; print(demo_config())')
+DEMO_DIR ?= runs/$(basename $(notdir $(DEMO_CONFIG)))
 demo: install
 	$(PY) -m warp_rlhf train --config $(DEMO_CONFIG) --resume output.dir=$(DEMO_DIR)
 	$(PY) -m warp_rlhf eval --run $(DEMO_DIR)

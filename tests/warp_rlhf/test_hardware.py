@@ -85,7 +85,9 @@ def test_make_demo_trains_the_demo_sized_for_the_dtype_auto_picks(cpu, flags: tu
     assert why.startswith("auto: ") and cfg.model.dtype == ("bfloat16" if flags else "float32")
 
 
-def test_make_demo_runs_the_config_of_this_machines_cpu() -> None:
-    dry = subprocess.run(["make", "-n", "demo", "DEMO_DIR=/nonexistent"], capture_output=True, text=True, cwd=ROOT,
-                         check=True)  # fmt: skip
-    assert f"train --config {hardware.demo_config()} --resume output.dir=/nonexistent\n" in dry.stdout
+def test_make_demo_runs_the_config_of_this_machines_cpu_in_its_own_directory() -> None:
+    dry = subprocess.run(["make", "-n", "demo"], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    demo = hardware.demo_config()
+    out = f"runs/{Path(demo).stem}"
+    assert f"train --config {demo} --resume output.dir={out}\n" in dry and f"eval --run {out}\n" in dry
+    assert load_config(ROOT / demo).output.dir == out  # the directory the config names, run by hand or by make
