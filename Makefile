@@ -58,7 +58,7 @@ test: install lint
 test-fast: install lint
 	$(PY) -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
-# Trains the CPU demo (resuming it if interrupted; a finished run is not trained again), then evaluates it. Its size
+# Trains the CPU demo (resuming it if interrupted; a finished run starts nothing), then evaluates it. Its size
 # follows the dtype `model.dtype: auto` picks on this CPU: configs/demo.yaml where bf16 is native (avx512_bf16 or
 # AMX), configs/demo-fp32.yaml, about half the work, where it would be emulated and auto picks fp32 (README, The CPU
 # demo). Expanded when the recipe runs, after `install`. Each demo has its own directory: runs/demo, runs/demo-fp32.

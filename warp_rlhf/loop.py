@@ -333,6 +333,9 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
         check_model_matches(sft_dir, cfg.model.dtype, cfg.learners.lora.targets)
     cfg = resolved(cfg, sft_dir)
     done = prepare_run_dir(out, cfg, resume=resume, force=force)
+    if done >= cfg.warp.iterations:  # `make demo` run again, say: no Ray, no actors, nothing in the run rewritten
+        log.info("%s is complete (%d of %d iterations merged): nothing to train", out.root, done, cfg.warp.iterations)
+        return out.root
     report_merge_failure(out)
     # Only now, with the input checked: Ray and torch take seconds to import, a bad input's error does not.
     import ray

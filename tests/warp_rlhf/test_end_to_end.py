@@ -25,7 +25,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.warp_rlhf.conftest import POLICY_EVERY, STEPS, StopChain
+from tests.warp_rlhf.conftest import POLICY_EVERY, STEPS, TRAIN_ARGS, StopChain
 from warp_rlhf.outputs import RunDir
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,6 +84,16 @@ def test_resume_refuses_a_changed_hyperparameter(stopped_run: StopChain) -> None
 def smoke_run(stopped_run: StopChain) -> Path:
     assert stopped_run.finished.returncode == 0, stopped_run.finished.stderr[-4000:]
     return stopped_run.out
+
+
+def test_resuming_a_finished_run_starts_nothing_and_rewrites_nothing(smoke_run: Path) -> None:
+    """`make demo` run again: a complete run says so before Ray, engines or learners start (it took 40 s)."""
+    files = {path: path.stat().st_mtime_ns for path in smoke_run.rglob("*") if path.is_file()}
+    result = _warp(*TRAIN_ARGS, f"output.dir={smoke_run}", "--resume", timeout=120)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "is complete (2 of 2 iterations merged): nothing to train" in result.stderr
+    assert "Ray" not in result.stderr  # neither a start-up phase nor ray.init's banner
+    assert {path: path.stat().st_mtime_ns for path in smoke_run.rglob("*") if path.is_file()} == files
 
 
 def test_output_contract(smoke_run: Path) -> None:
