@@ -66,16 +66,18 @@ class EmaAnchor:
         self.updates = 0
 
     @torch.no_grad()
-    def update(self, policy: torch.nn.Module | Iterable[tuple[str, torch.Tensor]]) -> None:
-        """One EMA step towards the policy's current parameters (call after every optimizer step).
+    def update(self, policy: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """One EMA step towards the policy (call after every optimizer step).
 
-        ``policy``: the policy module (its full parameters are read, gathered under ZeRO) or (name, tensor) pairs.
+        ``policy``: (name, full tensor) pairs, every name of the anchor once: the optimizer's fp32 master weights
+        where the model is narrower (``learners.distributed.master_parameters``), so the EMA follows what the
+        optimizer holds, not its rounding to bf16 (with μ = 0.01, lr = 1e-6, most steps would not move it).
         """
-        from learners.distributed import full_parameters
-
-        pairs = full_parameters(policy) if isinstance(policy, torch.nn.Module) else policy
-        for name, param in pairs:
+        seen = set()
+        for name, param in policy:
             ema_update_(self.ema[name], param, self.mu)
+            seen.add(name)
+        _check_complete(self.ema, seen)
         self._sync_module()
         self.updates += 1
 
@@ -157,16 +159,32 @@ class PartitionedAnchor:
 
     @torch.no_grad()
     def update(self, policy: torch.nn.Module) -> None:
-        """One EMA step on this rank's shards only: the policy is partitioned the same way (same R, shapes)."""
-        for (name, param), (policy_name, policy_param) in zip(
-            self.params.items(), policy.named_parameters(), strict=True
-        ):
-            if name != policy_name or param.ds_tensor.numel() != policy_param.ds_tensor.numel():
+        """One EMA step on this rank's shards only, from the policy's fp32 master partitions (same R, shapes)."""
+        from learners.distributed import local_master_shards
+
+        for (name, param), (policy_name, master) in zip(self.params.items(), local_master_shards(policy), strict=True):
+            if name != policy_name or param.ds_tensor.numel() != master.numel():
                 raise RuntimeError(f"anchor parameter {name!r} is not partitioned like the policy's {policy_name!r}")
-            ema_update_(self.ema[name], policy_param.ds_tensor.data, self.mu)
+            ema_update_(self.ema[name], master, self.mu)
+        self._publish_shards()
+        self.updates += 1
+
+    def _publish_shards(self) -> None:
+        """The shards were written: make the module's forward read them.
+
+        A parameter below ZeRO-3's persistence threshold (every norm weight of a 7B model; at DeepSpeed's default
+        1e5, every tensor of a tiny one) stays gathered after its first forward, and DeepSpeed re-gathers it only
+        after an optimizer step, which this inference-only module never takes: its forward would go on reading
+        θ_init. Partitioning it again drops the stale full copy (local: no collective); the next forward gathers
+        the new shards, in the same collective every rank makes.
+        """
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
         for name in self._rounded:
             self.params[name].ds_tensor.data.copy_(self.ema[name])
-        self.updates += 1
+        held = [p for p in self.params.values() if p.ds_status == ZeroParamStatus.AVAILABLE]
+        if held:
+            held[0].partition(param_list=held, has_been_updated=False)
 
     @torch.no_grad()
     def sequence_logprobs(
@@ -212,8 +230,7 @@ class PartitionedAnchor:
                 raise ValueError(f"anchor shard {name!r} has {shard.numel()} elements, this rank holds "
                                  f"{self.ema[name].numel()}: resume needs the same learner ranks")  # fmt: skip
             self.ema[name].copy_(shard)
-        for name in self._rounded:
-            self.params[name].ds_tensor.data.copy_(self.ema[name])
+        self._publish_shards()
         self.updates = updates
 
 

@@ -165,11 +165,19 @@ def master_parameters(
     master copy anywhere is an error, never a silent bf16 "master". ``trainable_only``: only the
     parameters the optimizer updates (a LoRA adapter; its frozen base has no master).
     """
+    import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param
 
     flat = _flat_masters(optimizer)
+    alone = not dist.is_initialized() or dist.get_world_size() == 1  # the same answer on every rank
     for name, param in module.named_parameters():
         if trainable_only and not param.requires_grad:
+            continue
+        mapping = getattr(param, "_hp_mapping", None)
+        if alone and mapping is not None and mapping.lp_fragment_address.numel == param.numel():
+            # One rank holds the whole master: a view of it, without the all-reduce safe_get_full_fp32_param does
+            # (a full-size buffer per tensor, every step the EMA reads the masters).
+            yield name, mapping.get_hp_fragment().view(param.shape)
             continue
         master = safe_get_full_fp32_param(param)
         if master is None:
@@ -180,6 +188,19 @@ def master_parameters(
             else:
                 raise RuntimeError(f"no fp32 master weight for {name!r} in {type(optimizer).__name__}")
         yield name, master
+
+
+def local_master_shards(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """ZeRO-3: (HF name, this rank's fp32 master partition), flat and shaped like ``param.ds_tensor``; no collective.
+
+    The partition the optimizer updates, not its rounding to the model dtype in ``ds_tensor``: what the EMA of a
+    bf16 model follows. A parameter the optimizer does not update (frozen) yields its own partition.
+    """
+    from deepspeed.utils import safe_get_local_fp32_param
+
+    for name, param in module.named_parameters():
+        master = safe_get_local_fp32_param(param) if param.requires_grad else None
+        yield name, param.ds_tensor.data if master is None else master
 
 
 def load_master_parameters(module: torch.nn.Module, optimizer: Any, state: dict[str, torch.Tensor]) -> None:
