@@ -110,7 +110,11 @@ class LearnerGroup:
 
     def adapter_ref(self, version: int | None = None, master: bool = False) -> ray.ObjectRef:
         """An ObjectRef to rank 0's LoRA adapter (AdapterWeights): megabytes, whatever the transport."""
-        return self.ranks[0].adapter.remote(version, master)
+        import ray
+
+        refs = [rank.adapter.remote(version, master) for rank in self.ranks]  # all ranks: masters may be collective
+        ray.get(refs[1:])  # Nones, but their errors must surface
+        return refs[0]
 
     def weights_ref(self, version: int | None = None, master: bool = False) -> ray.ObjectRef:
         """An ObjectRef to the full weights (FlatWeights), produced by rank 0: ``ray.get`` it or pass it on.
@@ -122,6 +126,14 @@ class LearnerGroup:
         refs = [rank.weights.remote(version, master) for rank in self.ranks]  # all ranks: the gathers are collective
         ray.get(refs[1:])  # Nones, but their errors must surface
         return refs[0]
+
+    def save_policy(self, out_dir: str | Path, reference_dir: str | Path, master: bool = True) -> Path:
+        """Rank 0 writes the policy at ``out_dir`` itself (the driver never holds it); returns the directory."""
+        import ray
+
+        refs = [rank.save_policy.remote(str(out_dir), str(reference_dir), master) for rank in self.ranks]
+        ray.get(refs)
+        return Path(out_dir)
 
     def weights(self, version: int | None = None, master: bool = False) -> FlatWeights:
         import ray
@@ -154,10 +166,12 @@ class LearnerGroup:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-    def load_state(self, directory: str | Path) -> None:
+    def load_state(self, directory: str | Path, init: FlatWeights | ray.ObjectRef | None = None) -> None:
+        """Every rank continues from ``directory``; ``init``: the iteration's θ_init (LoRA: the saved policy's base)."""
         import ray
 
-        ray.get([rank.load_state.remote(str(directory)) for rank in self.ranks])
+        ref = init if init is None or isinstance(init, ray.ObjectRef) else ray.put(init)
+        ray.get([rank.load_state.remote(str(directory), ref) for rank in self.ranks])
 
     # ------------------------------------------------------------------------------------------------
     # The collective transport's publisher (actors.transport.WeightPublisher)

@@ -140,7 +140,11 @@ class LearnerRank:
             self.anchor = EmaAnchor(anchor_model, mu, anchor_device)
         # fp32 without ZeRO is the one DeepSpeed mode that applies non-finite gradients: we check it.
         self._own_grad_check = dtype == "float32" and cfg.zero_stage == 0
+        # DeepSpeed's FP16 optimizer (bf16 without ZeRO) builds Adam's state with one step on zero gradients: Adam
+        # would count it, and its bias correction made the first real update 0.74 of the rate. Start at step 0.
+        self._reset_optimizer()
         self.broadcaster = Broadcaster(rank)
+        self._wide_init: dict[str, torch.Tensor] | None = None
         self.steps = 0  # step() calls, skipped ones included: the driver's t
         self.updates = 0  # optimizer updates applied since the last load_init
         self.version = 0  # weights version: the loaded init's version plus applied updates
@@ -193,7 +197,7 @@ class LearnerRank:
             return self._skip(start, "a non-finite loss or gradient", len(rollouts), grad_norm)
         with clock("ema"):
             if self.ema_anchor:
-                self.anchor.update(self.engine.module)
+                self._update_anchor()
         self.updates += 1
         self.version += 1
         self.steps += 1
@@ -201,6 +205,19 @@ class LearnerRank:
         means = {k: sums[k] / n for k in ("reward", "kl", "entropy")}
         metrics = self._metrics(start, n, False, grad_norm, loss=sums["loss"], tokens=sums["tokens"], **means)
         return metrics | clock.seconds | {"drift_by_engine": sums["drift"]}
+
+    def _update_anchor(self) -> None:
+        """θ_ema follows the optimizer's fp32 masters (the weights themselves in fp32), as the saved policies do.
+
+        Every rank calls it: under ZeRO 1-2 with R > 1 each master is assembled from the ranks' partitions.
+        """
+        module = self.engine.module
+        if self.anchor.partitioned:
+            self.anchor.update(module)  # shard by shard, from the local fp32 partitions
+        elif self.dtype == "float32":
+            self.anchor.update(lora.adapter_parameters(module) if self.lora else full_parameters(module))
+        else:
+            self.anchor.update(master_parameters(module, self.engine.optimizer, trainable_only=self.lora))
 
     def _tensors(self, rollouts: pa.Table) -> dict[str, torch.Tensor]:
         import torch
@@ -344,6 +361,28 @@ class LearnerRank:
         named = ((name, t.detach().to("cpu", copy=True) if copy_out else t.detach()) for name, t in pairs)
         return flatten(named, version=self.version if version is None else version)
 
+    def save_policy(self, out_dir: str | Path, reference_dir: str | Path, master: bool = True) -> str | None:
+        """Write the policy as an HF checkpoint at ``out_dir`` (replacing it atomically), tensor by tensor as the
+        parameters are read: no full copy of the model anywhere, and none through the driver. Every rank calls it
+        (ZeRO gathers); rank 0 writes, and returns the directory. ``master``: the fp32 master weights (the final
+        policy the merger reads), else the model dtype. Config and tokenizer files come from ``reference_dir``.
+        """
+        from learners.publish import param_specs
+        from merger.checkpoint import CheckpointWriter
+
+        pairs = self._policy(master)
+        if self.rank != 0:
+            for _ in pairs:
+                pass
+            return None
+        layout = {
+            spec.name: ("float32" if master else spec.dtype, spec.shape) for spec in param_specs(self.engine.module)
+        }
+        with CheckpointWriter(out_dir, layout, reference_dir, overwrite=True) as writer:
+            for name, tensor in pairs:
+                writer.write(name, tensor.detach().to("cpu"))  # a gathered ZeRO-3 tensor lives for this turn only
+        return str(out_dir)
+
     def _policy(self, master: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, full tensor) of the policy: in model dtype, or with ``master`` in fp32 from the optimizer's
         master weights. A LoRA policy is merged, W_init + s·B·A, its sum formed in fp32."""
@@ -352,26 +391,29 @@ class LearnerRank:
         module, wide = self.engine.module, master and self.dtype != "float32"
         if self.lora:
             factors = dict(master_parameters(module, self.engine.optimizer, trainable_only=True)) if wide else None
-            return lora.merged_parameters(module, factors, torch.float32 if master else None)
+            base = self._wide_init if wide else None  # θ_init itself, not the module's bf16 rounding of it
+            return lora.merged_parameters(module, factors, torch.float32 if master else None, base)
         return master_parameters(module, self.engine.optimizer) if wide else full_parameters(module)
 
     def adapter(self, version: int | None = None, master: bool = False) -> AdapterWeights | None:
         """The LoRA adapter alone, as the engines load it (model dtype; ``master``: fp32), on rank 0; None
-        elsewhere. Under ZeRO 0-2 every rank holds the whole adapter: no collective."""
+        elsewhere. Every rank must call it: the fp32 masters of a bf16 adapter are partitioned under ZeRO 1-2."""
         from actors.adapter import AdapterWeights
         from merger.flat import flatten
 
         if not self.lora:
             raise RuntimeError("adapter(): this learner trains the full model (learners.lora.rank = 0)")
-        if self.rank != 0:
-            return None
         module = self.engine.module
         if master and self.dtype != "float32":
+            # Collective under ZeRO 1-2 with R > 1 (each master is assembled from the ranks' partitions): every rank
+            # runs it to the end. Rank 0 alone used to, and waited forever in the first all-reduce.
             pairs = master_parameters(module, self.engine.optimizer, trainable_only=True)
         else:
             pairs = lora.adapter_parameters(module)
-        named = ((lora.saved_name(name), t.detach().to("cpu", copy=True)) for name, t in pairs)
-        flat = flatten(named, version=self.version if version is None else version)
+        named = [(lora.saved_name(name), t.detach().to("cpu", copy=True)) for name, t in pairs]
+        if self.rank != 0:
+            return None
+        flat = flatten(iter(named), version=self.version if version is None else version)
         settings = self.cfg.lora
         return AdapterWeights(flat, settings.rank, settings.alpha, settings.target_modules)
 
@@ -403,6 +445,7 @@ class LearnerRank:
         import torch
 
         if self.lora:  # the frozen base ← θ_init, a fresh adapter: B = 0, so the policy is θ_init exactly
+            self._keep_wide_init(weights)
             lora.load_base(self.engine.module, weights.state_dict())
             # A's random init from (seed, version): the same on every rank, and on a re-run.
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + weights.version)
@@ -422,6 +465,16 @@ class LearnerRank:
             self.anchor.reset(state.items() if anchor is None else self._matching(anchor.state_dict()).items())
         self.updates = 0
         self.version = weights.version
+
+    def _keep_wide_init(self, weights: FlatWeights | None) -> None:
+        """LoRA in bf16: keep θ_init when it is wider than the frozen base (the merger's fp32 result).
+
+        The saved policy is then θ_init + s·B·A, and its task vector s·B·A exactly; from the bf16 base it would also
+        carry θ_init's rounding, the same in every run, which SLERP would count as agreement between the runs. The
+        tensors are views of the buffer Ray maps from its object store: no copy in this process.
+        """
+        wide = weights is not None and self.dtype != "float32" and any(s.dtype == "float32" for s in weights.specs)
+        self._wide_init = weights.state_dict() if wide else None
 
     def _matching(self, state: dict) -> dict:  # the policy's parameter names exactly, or KeyError
         names = {name for name, _ in self.engine.module.named_parameters()}
@@ -455,8 +508,12 @@ class LearnerRank:
         save_rank_state(directory, self.engine, self.anchor, self.rank, counters)
         barrier(self.world_size)
 
-    def load_state(self, directory: str | Path) -> None:
-        """Continue exactly where save_state left off (same ranks, same ZeRO stage)."""
+    def load_state(self, directory: str | Path, init: FlatWeights | None = None) -> None:
+        """Continue exactly where save_state left off (same ranks, same ZeRO stage); ``init``: the iteration's
+        θ_init, which a LoRA learner's saved policy is formed on (the checkpoint holds only its rounding; None keeps
+        the one load_init gave)."""
+        if self.lora and init is not None:
+            self._keep_wide_init(init)
         counters = load_rank_state(directory, self.engine, self.anchor, self.rank)
         self.steps, self.updates, self.version = counters["steps"], counters["updates"], counters["version"]
 

@@ -78,27 +78,33 @@ def saved_name(name: str) -> str:
 
 
 def merged_parameters(
-    model: torch.nn.Module, factors: Mapping[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None
+    model: torch.nn.Module,
+    factors: Mapping[str, torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
+    base: Mapping[str, torch.Tensor] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, full weight) of the policy: W_init + s·B·A for targets, the frozen weight elsewhere.
 
     ``factors`` (peft name → tensor) replace the module's own A and B (the optimizer's fp32 masters of
-    a bf16 model); ``dtype`` is the dtype of every weight yielded (default: the base weights'). The sum is
-    formed in fp32; untouched weights in their own dtype are yielded as they are (zero-copy).
+    a bf16 model); ``base`` (HF name → tensor) replaces the module's frozen weights (θ_init as the merger
+    wrote it, fp32, where the module holds its bf16 rounding); ``dtype`` is the dtype of every weight yielded
+    (default: the base weights'). The sum is formed in fp32; untouched weights in their own dtype are yielded
+    as they are (zero-copy).
     """
     layers = lora_layers(model)
     for name, param in model.named_parameters():
         if is_adapter(name):
             continue
+        frozen = param.data if base is None else base[hf_name(name)].to(param.device)
         if not name.endswith(".base_layer.weight"):
-            yield hf_name(name), param.data if dtype is None else param.data.to(dtype)
+            yield hf_name(name), frozen if dtype is None else frozen.to(dtype)
             continue
         layer_name = name.removesuffix(".base_layer.weight")
         layer = layers[layer_name]
         a_name, b_name = f"{layer_name}.lora_A.{ADAPTER}.weight", f"{layer_name}.lora_B.{ADAPTER}.weight"
         a = factors[a_name] if factors is not None else layer.lora_A[ADAPTER].weight.data
         b = factors[b_name] if factors is not None else layer.lora_B[ADAPTER].weight.data
-        merged = torch.addmm(param.data.float(), b.float(), a.float(), alpha=layer.scaling[ADAPTER])
+        merged = torch.addmm(frozen.float(), b.float(), a.float(), alpha=layer.scaling[ADAPTER])
         yield hf_name(name), merged.to(dtype or param.dtype)
 
 
@@ -147,9 +153,10 @@ class AdapterAnchor(EmaAnchor):
         """θ_ema ← θ_init: the factors as the policy holds them now (A random, B = 0), or the given ones."""
         super().reset(named_tensors if named_tensors is not None else ((n, p.data) for n, p in self.params.items()))
 
-    def update(self, policy: torch.nn.Module | None = None) -> None:
-        """Ā ← (1 − μ)Ā + μA and B̄ likewise, from the policy's current factors."""
-        super().update((name, p.data) for name, p in self.params.items())
+    def update(self, policy: Iterable[tuple[str, torch.Tensor]] | None = None) -> None:
+        """Ā ← (1 − μ)Ā + μA and B̄ likewise, from ``policy``'s (peft name, factor) pairs (the optimizer's fp32
+        masters of a bf16 adapter) or, without it, the module's own factors."""
+        super().update(policy if policy is not None else ((name, p.data) for name, p in self.params.items()))
 
     @contextmanager
     def swapped_in(self) -> Iterator[None]:

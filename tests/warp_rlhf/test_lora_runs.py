@@ -35,7 +35,10 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("lora") / "run"
     args = ["train", "--config", "configs/smoke.yaml", f"output.dir={out}", f"learners.lora.rank={RANK}",
             "learners.lora.alpha=8", "learners.lr=1e-2", "actors.share_engines=true",
-            f"warp.steps=[{STEPS[0]},{STEPS[1]}]"]  # fmt: skip
+            f"warp.steps=[{STEPS[0]},{STEPS[1]}]",
+            # Two ranks, ZeRO-2, bf16: the adapter's fp32 masters are partitioned over the ranks, and fetching
+            # them is a collective (it used to hang at the end of every run, rank 0 alone in an all-reduce).
+            "learners.ranks=2", "learners.zero_stage=2", "model.dtype=bfloat16"]  # fmt: skip
     started: list[Train] = []
     try:
         started.append(first := Train(args))
@@ -73,18 +76,18 @@ def test_one_shared_engine_samples_every_run_with_its_own_adapter(lora_run: Path
     assert sorted((r["iteration"], r["run"], r["step"]) for r in metrics) == [
         (i, m, t) for i in (1, 2) for m in (1, 2) for t in range(STEPS[i - 1])
     ]  # every step once, across the stop
-    # A step moves the adapter alone: 2 layers × 7 target matrices × (A + B) in fp32, not the model.
+    # A step moves the adapter alone: 2 layers × 7 target matrices × (A + B) in bf16 (the run's dtype), not the model.
     from merger.checkpoint import Checkpoint
 
     with Checkpoint(tiny_model_dir) as checkpoint:
         model_bytes = sum(e.nbytes for e in checkpoint.entries.values())
         shapes = [shape for name, (_, shape) in checkpoint.layout.items() if name.endswith("proj.weight")]
-    adapter_bytes = sum(4 * RANK * (rows + columns) for rows, columns in shapes)
+    adapter_bytes = sum(2 * RANK * (rows + columns) for rows, columns in shapes)
     assert {r["sync_bytes"] for r in metrics} == {adapter_bytes} and adapter_bytes < model_bytes / 10
     # Had an engine sampled a run's prompts with the other run's adapter (or none, or on the wrong base after
     # the resume), the learner's log-probs of the sampled tokens would differ from the sampler's by about the
-    # runs' KL, not by rounding.
-    assert max(r["drift_max"] for r in metrics) < 1e-4
+    # runs' KL per token (here up to 4 nats a sequence of 16 tokens), not by bf16 rounding (measured ≤ 0.008).
+    assert max(r["drift_max"] for r in metrics) < 0.05
     assert any(r["kl"] > 0.01 for r in metrics)  # the adapters did move the policies apart from the anchor
     samples = pq.read_table(lora_run / "samples").to_pylist()
     assert {(s["iteration"], s["step"], s["version"]) for s in samples} == {
@@ -92,14 +95,18 @@ def test_one_shared_engine_samples_every_run_with_its_own_adapter(lora_run: Path
     }  # on-policy before and after the resume
 
 
-def test_a_runs_policy_is_its_saved_adapter_on_its_iterations_init(lora_run: Path, tiny_model_dir: Path) -> None:
+def test_a_runs_policy_is_its_saved_adapter_on_its_iterations_init(lora_run: Path) -> None:
+    """The saved adapter (fp32 factors, gathered from the ZeRO-2 ranks' partitions) on its iteration's θ_init is
+    the saved policy: W_init + s·B·A formed in fp32 on both sides."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from warp_rlhf.models import resolve_model
+
     out = RunDir(lora_run)
     for i in (1, 2):
-        init = tiny_model_dir if i == 1 else out.init(i - 1)
+        init = resolve_model("tiny-llama", dtype="bfloat16") if i == 1 else out.init(i - 1)  # θ_sft in the run's dtype
         for m in (1, 2):
             adapter = out.adapter(i, m)
             config = json.loads((adapter / "adapter_config.json").read_text())
