@@ -92,6 +92,10 @@ def _broadcast(group: WeightGroup, tensor: Any) -> None:
     group.group.broadcast([tensor], options).wait()
 
 
+# Fault injection (tests): the sender fails before this bucket (1-based), as a connection broken mid-way would.
+FAULT_BUCKET_ENV = "WARP_RLHF_FAULT_BROADCAST_BUCKET"
+
+
 class BroadcastSender:
     """Rank 0 of a weight-broadcast group, on the node whose address it is given.
 
@@ -124,7 +128,10 @@ class BroadcastSender:
             raise RuntimeError("BroadcastSender.send before connect()")
         stream = iter(tensors)
         sent = 0
-        for bucket in bucket_plan(specs, self.bucket_bytes):
+        broken_at = os.environ.get(FAULT_BUCKET_ENV)
+        for index, bucket in enumerate(bucket_plan(specs, self.bucket_bytes), 1):
+            if broken_at == str(index):
+                raise ConnectionError(f"{FAULT_BUCKET_ENV}: weight broadcast broken before bucket {index}")
             staging = torch.empty(sum(s.nbytes for s in bucket), dtype=torch.uint8, device=self.group.device)
             offset = 0
             for spec in bucket:

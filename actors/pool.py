@@ -76,7 +76,7 @@ class ActorPool:
         if wait:
             self.ready()
         self.transport: WeightTransport = make_transport(
-            cfg.weight_transport, cfg.num_gpus, int(cfg.bucket_mb * (1 << 20))
+            cfg.weight_transport, cfg.num_gpus, int(cfg.bucket_mb * (1 << 20)), cfg.broadcast_timeout_s
         )
         self.version = 0
         self._source: Any = None  # what the latest sync loaded from, for replacement engines

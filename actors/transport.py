@@ -145,9 +145,9 @@ class CollectiveTransport:
         self._publisher, self._wire_specs, self.address = None, None, None
 
 
-def make_transport(kind: str, num_gpus: float, bucket_bytes: int) -> WeightTransport:
+def make_transport(kind: str, num_gpus: float, bucket_bytes: int, timeout_s: float = 300.0) -> WeightTransport:
     if kind == "object_store":
         return ObjectStoreTransport()
     if kind == "collective":
-        return CollectiveTransport("nccl" if num_gpus > 0 else "gloo", bucket_bytes)
+        return CollectiveTransport("nccl" if num_gpus > 0 else "gloo", bucket_bytes, timeout_s)
     raise ValueError(f"actors.weight_transport = {kind!r}: must be object_store or collective")

@@ -82,6 +82,11 @@ class Broadcaster:
             # Dropping the group closes its connections, so receivers still waiting fail at once
             # instead of at the timeout; the pool then re-forms a group or falls back to the object store.
             self.close()
+            # Under ZeRO-3 the other ranks go on gathering tensor after tensor to the end of ``pairs``: take part in
+            # every gather they make, so that the ranks leave this call in step. Stopping here left them waiting in a
+            # gather, and the object-store fallback's own gathers then met theirs out of order.
+            for _ in pairs:
+                pass
             raise
 
     def info(self) -> dict[str, Any]:

@@ -84,6 +84,9 @@ class ActorsConfig(_Section):
     """Run vLLM's engine core in its own process (production shape) instead of in the actor's process."""
     bucket_mb: float = 256.0
     """Bucket size in MiB of collective weight broadcasts: the most an engine worker buffers at once."""
+    broadcast_timeout_s: float = 300.0
+    """Collective weight broadcasts: how long a rank waits on another (forming the group, each bucket) before the
+    broadcast fails and the weights go through the object store instead."""
     logprobs: Literal["raw", "processed"] = "raw"
     """Rollout logprobs: raw = log-softmax of the model's logits (π_θ at T=1); processed = after temperature/top-k."""
     drift_warn: float = 0.1
@@ -121,6 +124,7 @@ class ActorsConfig(_Section):
             "object_store or collective",
         )
         _require(self.bucket_mb > 0, k("bucket_mb"), self.bucket_mb, "> 0")
+        _require(self.broadcast_timeout_s > 0, k("broadcast_timeout_s"), self.broadcast_timeout_s, "> 0")
         _require(self.logprobs in ("raw", "processed"), k("logprobs"), self.logprobs, "raw or processed")
         _require(self.drift_warn > 0, k("drift_warn"), self.drift_warn, "> 0")
 

@@ -72,14 +72,20 @@ def test_sender_refuses_tensors_out_of_plan():
 
 @pytest.fixture(scope="module")
 def learner_and_pool(ray_cluster, tiny_model_dir, actors_cfg):
-    """A real 1-rank learner (the sender) and a 2-engine pool on the collective transport."""
+    """A real 2-rank ZeRO-3 learner (rank 0 sends; both gather) and a 2-engine pool on the collective transport.
+
+    The persistence threshold splits the tiny model's tensors: the larger ones are gathered for every send, by both
+    ranks together, so a rank that stops gathering part-way leaves the other waiting (the case the fallback must
+    survive). A short broadcast timeout turns such a wait into a failure within the test's time.
+    """
     from actors.pool import ActorPool
     from learners.group import LearnerGroup
     from warp_rlhf.config import LearnersConfig
 
-    learner = LearnerGroup(tiny_model_dir, LearnersConfig(num_cpus=1, warmup_steps=0), beta=0.1, mu=0.01,
-                           dtype="float32")  # fmt: skip
-    cfg = dataclasses.replace(actors_cfg, weight_transport="collective", bucket_mb=BUCKET_MB, engines_per_run=2)
+    learners = LearnersConfig(ranks=2, zero_stage=3, zero3_persistence_threshold=20_000, num_cpus=1, warmup_steps=0)
+    learner = LearnerGroup(tiny_model_dir, learners, beta=0.1, mu=0.01, dtype="float32")
+    cfg = dataclasses.replace(actors_cfg, weight_transport="collective", bucket_mb=BUCKET_MB, engines_per_run=2,
+                              broadcast_timeout_s=60)  # fmt: skip
     pool = ActorPool(tiny_model_dir, cfg, dtype="float32", seed=0)
     learner.ready()
     yield learner, pool
@@ -123,13 +129,50 @@ def test_learner_rank0_broadcasts_to_every_engine(learner_and_pool, tiny_model_d
 @pytest.mark.ray
 @pytest.mark.vllm
 def test_collective_sync_survives_a_dead_engine(learner_and_pool, tiny_model_dir, ray_cluster):
+    """The broadcast breaks at its first bucket; rank 0 still takes part in rank 1's remaining gathers, so the
+    object-store fallback (a collective of both ranks) and everything after it find the ranks in step."""
+    from tests.learners.conftest import make_rollouts
+
     learner, pool = learner_and_pool
-    _learner_holds(learner, tiny_model_dir, 23)
+    _, flat = _learner_holds(learner, tiny_model_dir, 23)
     ray_cluster.kill(pool.engines[1], no_restart=True)
     pool.sync(learner, version=9)  # broken broadcast: replace, reload through the object store
     assert pool.versions() == [9, 9]
+    assert learner.weights().buffer.tobytes() == flat.buffer.tobytes()  # both ranks gathered the same tensors
+    learner.step(make_rollouts(groups=2, samples=2), timeout_s=120)  # a step's gathers are in step too
     model, _ = _learner_holds(learner, tiny_model_dir, 24)
     pool.sync(learner, version=10)  # the group is re-formed with the new engine
     table = pool.generate(PROMPTS, n=1, temperature=0.0)
     for row in table.to_pylist():
         assert row["completion_ids"] == hf_greedy(model, row["prompt_ids"])
+
+
+@pytest.mark.ray
+@pytest.mark.vllm
+def test_a_broadcast_broken_mid_way_leaves_the_ranks_in_step(learner_and_pool, tiny_model_dir):
+    """Rank 0's send fails before its third bucket, part-way through the tensors both ranks gather: rank 0 still
+    gathers the rest with rank 1, the object-store fallback then gathers on both, and the engines get the weights."""
+    import ray
+
+    from actors.broadcast import FAULT_BUCKET_ENV
+    from tests.learners.conftest import make_rollouts
+
+    learner, pool = learner_and_pool
+    model, flat = _learner_holds(learner, tiny_model_dir, 25)
+
+    def set_fault(_self, value):
+        os.environ.pop(FAULT_BUCKET_ENV, None) if value is None else os.environ.update({FAULT_BUCKET_ENV: value})
+
+    ray.get(learner.ranks[0].__ray_call__.remote(set_fault, "3"))
+    try:
+        pool.sync(learner, version=11)
+    finally:
+        ray.get(learner.ranks[0].__ray_call__.remote(set_fault, None))
+    assert pool.versions() == [11, 11]
+    table = pool.generate(PROMPTS, n=1, temperature=0.0)
+    for row in table.to_pylist():
+        assert row["completion_ids"] == hf_greedy(model, row["prompt_ids"])
+    assert learner.weights().buffer.tobytes() == flat.buffer.tobytes()
+    learner.step(make_rollouts(groups=2, samples=2), timeout_s=120)
+    pool.sync(learner, version=12)  # and the collective path works again
+    assert pool.versions() == [12, 12]
