@@ -79,6 +79,20 @@ class Merger:
                 writers[1].write(name, new_init)
         return out
 
+    def merge_with_summary(
+        self, iteration: int, init: Weights, policies: Sequence[Weights]
+    ) -> tuple[dict[str, Any], FlatWeights]:
+        """``merge`` and a few numbers about it: what a driver waits on instead of the model itself."""
+        import resource
+        import time
+
+        start = time.perf_counter()
+        out = self.merge(iteration, init, policies)
+        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB, this process's peak so far
+        summary = {"iteration": iteration, "tensors": len(out.specs), "bytes": out.nbytes,
+                   "seconds": time.perf_counter() - start, "peak_rss_bytes": peak_kib * 1024}  # fmt: skip
+        return summary, out
+
 
 def _source(weights: Any, stack: ExitStack) -> Source:
     """A merge input from FlatWeights, an object reference to FlatWeights, or an HF directory."""
@@ -109,14 +123,18 @@ class MergerService:
         actor_class = ray.remote(Merger).options(**options)
         self._actor = actor_class.remote(config, str(Path(reference_dir).resolve()), str(output_dir))
 
-    def merge(self, iteration: int, init: Weights, policies: Sequence[Weights]) -> ray.ObjectRef:
-        """Start the merge of one iteration; the reference is to the new θ_init (FlatWeights).
+    def merge(self, iteration: int, init: Weights, policies: Sequence[Weights]) -> tuple[ray.ObjectRef, ray.ObjectRef]:
+        """Start the merge of one iteration: (summary, θ_init) references.
 
-        The result already lives in the object store: pass the reference itself to every actor pool
-        and learner group (no second ``ray.put``); ``ray.get`` of it is zero-copy. Directory inputs
-        must be readable where the actor runs.
+        θ_init (FlatWeights) already lives in the object store: pass the reference itself to every actor pool
+        and learner group (no second ``ray.put``). The summary (a small dict: tensors, bytes, seconds, the
+        merger's peak RSS) is what a driver waits on: ``ray.get`` of it raises the merge's error, and the model
+        never comes into the driver. Directory inputs must be readable where the actor runs.
         """
-        return self._actor.merge.remote(iteration, init, list(policies))
+        summary, init_ref = self._actor.merge_with_summary.options(num_returns=2).remote(
+            iteration, init, list(policies)
+        )
+        return summary, init_ref
 
     def shutdown(self) -> None:
         import ray

@@ -204,6 +204,55 @@ class RunPlacement:
         self.groups = {}
 
 
+def check_shared_storage(placement: RunPlacement, output_dir: Path, inputs: list[Path]) -> None:
+    """Every node that holds a bundle of the run sees ``output_dir`` as this driver wrote it, and ``inputs``.
+
+    Learner ranks, engines, the reward model and the merger read the model and write into ``output.dir`` wherever
+    they run: on node-local disks, a rank's checkpoint or the merger's result would land on its own node, and the
+    driver would wait for files it never sees. The driver writes a probe file with a random token into
+    ``output_dir``; a zero-CPU task on each node reads it back and checks each input (θ_sft, a reward model) has the
+    ``config.json`` the driver sees, byte for byte in size. A node that does not: ClusterError naming it (exit 2).
+    """
+    import secrets
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = sorted({node for group in placement.describe().values() for node in group["bundle_nodes"] if node})
+    token = secrets.token_hex(16)
+    probe = output_dir / f".storage-probe-{token}"
+    expected = {str(path): (path / "config.json").stat().st_size for path in inputs}
+    probe.write_text(token)
+    try:
+        look = ray.remote(num_cpus=0, max_retries=0)(_storage_seen)
+        refs = [look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
+            str(probe), token, expected) for node in nodes]  # fmt: skip
+        problems = [problem for problem in ray.get(refs, timeout=120) if problem]
+    finally:
+        probe.unlink(missing_ok=True)
+    if problems:
+        raise ClusterError(f"{'; '.join(problems)}: every node of the run must see output.dir and the model "
+                           "paths on shared storage (NFS, a cloud filesystem mounted at the same path)")  # fmt: skip
+
+
+def _storage_seen(probe: str, token: str, expected: dict[str, int]) -> str | None:
+    """Run on one node: None when it sees the probe and every input as the driver does, else what it does not."""
+    import ray
+
+    address = ray.util.get_node_ip_address()
+    try:
+        seen = Path(probe).read_text()
+    except OSError:
+        seen = None
+    if seen != token:
+        return f"node {address} does not see output.dir {str(Path(probe).parent)!r} as the driver wrote it"
+    for path, size in expected.items():
+        config = Path(path) / "config.json"
+        if not config.is_file() or config.stat().st_size != size:
+            return f"node {address} does not see the model {path!r} as the driver does"
+    return None
+
+
 def _engine_index(name: str) -> int:
     return int(name.rsplit("-", 1)[1])
 

@@ -29,7 +29,7 @@ from warp_rlhf.config import Config
 from warp_rlhf.data import PromptSampler, load_prompts
 from warp_rlhf.hardware import emulated_warning, resolve_dtype
 from warp_rlhf.models import check_model_matches, resolve_model
-from warp_rlhf.outputs import MetricsLog, RunDir, is_complete_checkpoint, write_atomic, write_parquet_atomic
+from warp_rlhf.outputs import MetricsLog, RunDir, SampleSpill, is_complete_checkpoint, write_atomic
 from warp_rlhf.resume import prepare_run_dir, recorded_dtype, resolved
 from warp_rlhf.signals import StopOnSignal
 from warp_rlhf.startup import StartupTimes
@@ -174,11 +174,11 @@ class Trainer:
             self.progress.update(self.cfg.warp.steps_in(i))
             return final
         steps, first = self.cfg.warp.steps_in(i), self.reset_run(run, i, init_ref)
-        samples: list[Any] = []
+        samples = SampleSpill(self.out, i, run.index, first, self.cfg.output.save_samples)
         for t in range(first, steps):
             if self.stop.is_set():  # another run failed: stop here, resumable from this very step
                 if t > first:
-                    self.checkpoint(run, i, t, samples, first)
+                    self.checkpoint(run, i, t, samples)
                 raise RunStopped(f"run {run.index} of iteration {i} stopped at step {t}")
             idx = run.sampler.draw(self.cfg.warp.prompts_per_step)
             start = time.perf_counter()
@@ -196,9 +196,9 @@ class Trainer:
             if due(self.cfg.output.policy_every, t, steps):
                 self.save_policy(run, self.out.snapshot(i, run.index, t + 1))
             if due(self.cfg.warp.checkpoint_every, t, steps):
-                self.checkpoint(run, i, t + 1, samples, first)
-                samples, first = [], t + 1
-        self.write_samples(run, i, samples, first, steps - 1)
+                self.checkpoint(run, i, t + 1, samples)
+                samples = SampleSpill(self.out, i, run.index, t + 1, self.cfg.output.save_samples)
+        samples.close(steps - 1)
         self.metrics.flush()  # before the final policy: once it exists, resume never recomputes these steps
         if self.cfg.learners.lora.enabled:  # before the policy: a complete policy means its adapter is there
             self.save_adapter(run, i)
@@ -211,7 +211,7 @@ class Trainer:
         progress = state / "progress.json"
         if progress.is_file():
             saved = json.loads(progress.read_text())
-            run.learner.load_state(state / "learner")
+            run.learner.load_state(state / "learner", init_ref)
             run.sampler.restore(saved["sampler"])
             run.version = saved["version"]
             if self.cfg.learners.lora.enabled and not self.cfg.actors.share_engines:
@@ -270,36 +270,24 @@ class Trainer:
         self.progress.set_postfix(iter=i, run=run.index, step=t, reward=f"{row.get('reward', 0):.3f}",
                                   kl=f"{row.get('kl', 0):.3f}")  # fmt: skip
 
-    def checkpoint(self, run: Run, i: int, next_step: int, samples: list[Any], first: int) -> None:
+    def checkpoint(self, run: Run, i: int, next_step: int, samples: SampleSpill) -> None:
         """Samples since the last checkpoint, metrics, then learner state, then the pointer to it."""
-        self.write_samples(run, i, samples, first, next_step - 1)
+        samples.close(next_step - 1)
         self.metrics.flush()
         state = self.out.run_state(i, run.index)
         run.learner.save_state(state / "learner")  # atomic: written aside, renamed into place
         saved = {"step": next_step, "sampler": run.sampler.state(), "version": run.version}
         write_atomic(state / "progress.json", json.dumps(saved))
 
-    def write_samples(self, run: Run, i: int, samples: list[Any], first: int, last: int) -> None:
-        import pyarrow as pa
-
-        if self.cfg.output.save_samples and samples:
-            write_parquet_atomic(self.out.samples(i, run.index, first, last), pa.concat_tables(samples))
-
-    def save_policy(self, run: Run, final: Path) -> Any:
-        """The run's policy (its final one, or a snapshot) as HF checkpoint; returns the ObjectRef the merger
-        reads it from.
+    def save_policy(self, run: Run, final: Path) -> Path:
+        """The run's policy (its final one, or a snapshot) as HF checkpoint, written by the learner's rank 0
+        itself, tensor by tensor; returns the directory the merger streams it from.
 
         The optimizer's fp32 master weights, not the model-dtype copy the engines sample with: at small
         learning rates a bf16 rounding of θ_m would put independent noise into δ_m = θ_m − θ_init and
         push the SLERP angle towards 90°. The checkpoint's config.json says float32.
         """
-        import ray
-
-        from merger import save_hf
-
-        latest = run.learner.weights_ref(run.version, master=True)
-        save_hf(ray.get(latest), final, reference_dir=self.sft_dir, overwrite=True)
-        return latest
+        return run.learner.save_policy(final.resolve(), Path(self.sft_dir).resolve(), master=True)
 
     def save_adapter(self, run: Run, i: int) -> None:
         """The run's fp32 adapter in peft's format, for `vllm serve --lora-modules` on θ_init of iteration i."""
@@ -339,10 +327,11 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
     report_merge_failure(out)
     # Only now, with the input checked: Ray and torch take seconds to import, a bad input's error does not.
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     from tqdm import tqdm
 
     from merger import MergerService, load_flat
-    from warp_rlhf.cluster import RunPlacement, check_fits, connect, owns_ray, shutdown
+    from warp_rlhf.cluster import RunPlacement, check_fits, check_shared_storage, connect, owns_ray, shutdown
 
     log.info("outputs: %s (θ_sft = %s, model.dtype = %s: %s)", out.root.resolve(), sft_dir, cfg.model.dtype, why)
     if warning := emulated_warning(cfg):
@@ -358,6 +347,8 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
         with signals.stopping(stopped=RunStopped):  # a stop that Ctrl-C caused becomes Interrupted
             with startup.phase("placement groups"):
                 placement = RunPlacement(check_fits(cfg, model_dir=sft_dir), cfg.resources.placement_timeout_s)
+                inputs = [sft_dir] + ([Path(cfg.reward.path)] if cfg.reward.kind == "hf" else [])
+                check_shared_storage(placement, out.root, inputs)  # before any actor: a node that cannot is named
             total = sum(cfg.warp.steps_in(i) for i in range(1, cfg.warp.iterations + 1)) * cfg.warp.runs
             finished = sum(cfg.warp.steps_in(i) for i in range(1, done + 1)) * cfg.warp.runs
             progress = tqdm(total=total, initial=finished, desc="WARP", unit="step", dynamic_ncols=True)
@@ -368,15 +359,22 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
             trainer.record_placement()
             merger = MergerService(cfg, sft_dir, placement_group=placement.get("merger"))
             with startup.phase("θ_init into the object store"):
-                init_ref = ray.put(load_flat(out.init(done) if done else sft_dir))
+                # Read by a task on this node: the object store holds θ_init, this process never does.
+                read = ray.remote(num_cpus=0, max_retries=0)(load_flat).options(
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(
+                        ray.get_runtime_context().get_node_id(), soft=True
+                    )
+                )
+                init_ref = read.remote(str((out.init(done) if done else sft_dir).resolve()))
                 if cfg.warp.anchor == "sft":
-                    trainer.anchor_ref = ray.put(load_flat(sft_dir)) if done else init_ref
+                    trainer.anchor_ref = read.remote(str(Path(sft_dir).resolve())) if done else init_ref
+                ray.wait([init_ref], fetch_local=False)
             signals.check()
             for i in range(done + 1, cfg.warp.iterations + 1):
                 progress.set_description(f"WARP iteration {i}/{cfg.warp.iterations}")
                 policies = trainer.iteration(i, init_ref)  # Ctrl-C: the runs stop at their next step boundary
-                init_ref = merger.merge(i, init_ref, policies)  # SLERP then LITI; the result stays in the store
-                merged(out, i, init_ref)  # a failed merge is recorded and raised before the iteration counts
+                summary, init_ref = merger.merge(i, init_ref, policies)  # SLERP then LITI; θ_init stays in the store
+                merged(out, i, summary)  # a failed merge is recorded and raised before the iteration counts
                 out.mark_completed(i)
                 trainer.metrics.flush()
                 shutil.rmtree(out.state / f"iter-{i}", ignore_errors=True)
@@ -384,6 +382,8 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
                 signals.check()
             trainer.record_placement()  # again: now with the weight senders' broadcast counts
             merger.shutdown()
+            log.info("driver peak RSS %.2f GB, the model %.2f GB in its dtype: no model passes through the driver",
+                     peak_rss_bytes() / 1e9, trainer.model_bytes / 1e9)  # fmt: skip
     finally:
         if progress is not None:
             progress.close()  # before any last message, so the bar is not redrawn after it
@@ -401,13 +401,23 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
 MERGE_FAILURE = "merge-failed.json"
 
 
-def merged(out: RunDir, i: int, init_ref: Any) -> None:
-    """Wait for iteration i's merge; on failure, record why (resume reports it) and raise."""
+def peak_rss_bytes() -> int:
+    """This process's largest resident set so far (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def merged(out: RunDir, i: int, summary_ref: Any) -> None:
+    """Wait for iteration i's merge (its small summary: the merged model stays where it is); on failure, record
+    why (resume reports it) and raise."""
     import ray
 
     failure = out.state / MERGE_FAILURE
     try:
-        ray.get(init_ref)
+        summary = ray.get(summary_ref)
+        log.info("iteration %d merged in %.1f s; the merger's peak RSS %.2f GB for a %.2f GB θ_init", i,
+                 summary["seconds"], summary["peak_rss_bytes"] / 1e9, summary["bytes"] / 1e9)  # fmt: skip
     except Exception as exc:
         out.state.mkdir(parents=True, exist_ok=True)
         cause = getattr(exc, "cause", None) or exc  # a RayTaskError carries the merger's own exception

@@ -38,6 +38,34 @@ def write_parquet_atomic(path: Path, table: pa.Table) -> None:
     os.replace(tmp, path)
 
 
+class SampleSpill:
+    """One run's rollouts from step ``first`` on, written to Parquet as they come (a row group a step) instead of
+    held in memory until a checkpoint: with ``warp.checkpoint_every: 0`` a 7B iteration's rollouts would all sit in
+    the driver. The file appears under its final name, ``RunDir.samples(i, m, first, last)``, only at :meth:`close`.
+    """
+
+    def __init__(self, out: RunDir, i: int, m: int, first: int, enabled: bool = True) -> None:
+        self.out, self.i, self.m, self.first, self.enabled = out, i, m, first, enabled
+        self._writer: pq.ParquetWriter | None = None
+        self._tmp = out.samples(i, m, first, first).with_name(f".steps-{first:06d}-open.parquet.tmp")
+
+    def append(self, table: pa.Table) -> None:
+        if not self.enabled:
+            return
+        if self._writer is None:
+            self._tmp.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = pq.ParquetWriter(self._tmp, table.schema)
+        self._writer.write_table(table)
+
+    def close(self, last: int) -> None:
+        """Finish the file as steps first..last; nothing was appended: nothing written."""
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._writer = None
+        os.replace(self._tmp, self.out.samples(self.i, self.m, self.first, last))
+
+
 def is_complete_checkpoint(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 

@@ -90,8 +90,9 @@ def test_ray_actor_gives_the_same_bytes_as_in_process(ray_cluster, tiny_model_di
     local = Merger(_config(tmp_path / "local"), tiny_model_dir).merge(1, init, policies)
     service = MergerService(_config(tmp_path / "remote"), tiny_model_dir)
     try:
-        ref = service.merge(1, ray.put(init), [ray.put(p) for p in policies])  # object references in
+        summary, ref = service.merge(1, ray.put(init), [ray.put(p) for p in policies])  # object references in
         remote = ray.get(ref)
+        assert ray.get(summary)["bytes"] == remote.nbytes and ray.get(summary)["peak_rss_bytes"] > remote.nbytes
     finally:
         service.shutdown()
     assert np.array_equal(remote.buffer, local.buffer) and remote.specs == local.specs

@@ -122,16 +122,20 @@ def _start_head(temp_dir: Path, log: Path) -> Head:
     pytest.fail(f"head not up after {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
 
 
-def _add_workers(head: Head, logs: Path) -> None:
-    """Start WORKER_NODES one by one (each its own address and ports), each alive in Ray before the next.
+def _add_workers(head: Head, logs: Path, nodes: list = WORKER_NODES, masked: Path | None = None) -> None:
+    """Start ``nodes`` one by one (each its own address and ports), each alive in Ray before the next.
 
     One at a time: on 2 cores, raylets starting together time out registering with the GCS. A node that
-    fails to come up is started again (twice at most).
+    fails to come up is started again (twice at most). ``masked``: the nodes run in their own mount namespace,
+    with an empty tmpfs over that directory (a node that does not share the driver's storage there).
     """
-    for address, cpus, resources in WORKER_NODES:
+    for address, cpus, resources in nodes:
         for attempt in (1, 2, 3):
             agent, grpc, metrics, runtime_env = _free_ports(4)
             cmd = [str(BIN / "ray"), "start", "--block", "--address", f"127.0.0.1:{head.gcs_port}"]
+            if masked is not None:
+                mount = f'mount -t tmpfs tmpfs {masked} && exec "$0" "$@"'
+                cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, *cmd]
             cmd += ["--node-ip-address", address, "--num-cpus", str(cpus), "--num-gpus", "0", "--resources"]
             cmd += [json.dumps(resources), "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port"]
             cmd += [str(grpc), "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(runtime_env)]
@@ -224,9 +228,11 @@ def head() -> Iterator[Head]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _submit(head: Head, job_id: str, *overrides: str) -> subprocess.CompletedProcess:
+def _submit(
+    head: Head, job_id: str, *overrides: str, config: str = "configs/smoke.yaml"
+) -> subprocess.CompletedProcess:
     """`ray job submit` as the README gives it, waiting for the end (the CLI tails the job's logs)."""
-    train = ["python", "-m", "warp_rlhf", "train", "--config", "configs/smoke.yaml", *overrides]
+    train = ["python", "-m", "warp_rlhf", "train", "--config", config, *overrides]
     args = ["job", "submit", "--submission-id", job_id, "--working-dir", "."]
     return _ray(head, *args, "--", *train, timeout=JOB_TIMEOUT_S)
 
@@ -250,15 +256,45 @@ def _actors(head: Head, class_name: str) -> dict[int, dict]:
     return {a["pid"]: a for a in _state(head, "actors") if a["class_name"] == class_name}
 
 
+# configs/gpu-7b.yaml in miniature: the tiny model and a tiny reward model, on CPUs, ranks capped at 2, one engine a
+# run, a few steps. Everything else is the recipe's own: ZeRO-3 at DeepSpeed's default persistence threshold, bf16,
+# the collective transport, vLLM's engine core in its own process, a remote hf reward, micro-batches of 4, no step
+# checkpoints at this length, and its node roles (resources.learner_resource / rollout_resource).
+GPU_7B_IN_MINIATURE = [
+    "model.path=tiny-llama", "learners.ranks=2", "learners.num_cpus=0.5", "learners.num_gpus=0",
+    "actors.engines_per_run=1", "actors.num_cpus=0.5", "actors.num_gpus=0", "actors.tensor_parallel_size=1",
+    "actors.max_model_len=256", "actors.kv_cache_gib=0.25", "actors.max_new_tokens=16", "actors.bucket_mb=0.25",
+    "reward.num_cpus=0.25", "reward.num_gpus=0", "warp.iterations=2", "warp.steps=[2,2]", "warp.prompts_per_step=4",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """A tiny random Llama sequence classifier (one label) with the tiny model's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    out = tmp_path_factory.mktemp("reward-model")
+    config = LlamaConfig.from_pretrained(tiny_model_dir)
+    config.num_labels = 1
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
 @pytest.mark.ray
 @pytest.mark.vllm
-def test_job_submit_trains_on_a_multi_node_cluster(head: Head, tmp_path: Path) -> None:
-    """Smoke config, each run a 2-rank learner, weights broadcast by the learner over gloo to its engine on
-    another node (several engines in one broadcast group: tests/actors/test_transport.py)."""
+def test_job_submit_trains_the_7b_recipe_in_miniature_on_a_multi_node_cluster(
+    head: Head, tmp_path: Path, reward_model_dir: Path
+) -> None:
+    """configs/gpu-7b.yaml at its own stage, threshold, dtype and transport: each run a 2-rank ZeRO-3 learner on a
+    learner node, weights broadcast by the learner over gloo to its engine on the rollout node (several engines in
+    one broadcast group: tests/actors/test_transport.py)."""
     out = tmp_path / "run"
-    shape = ["learners.ranks=2", "actors.weight_transport=collective"]
-    result = _submit(head, "warp-smoke", f"output.dir={out}", *shape, "actors.bucket_mb=0.25", *NODE_ROLES)
-    assert _status(head, "warp-smoke") == "SUCCEEDED", result.stdout[-4000:] + result.stderr[-2000:]
+    result = _submit(head, "warp-7b", f"output.dir={out}", f"reward.path={reward_model_dir}", *GPU_7B_IN_MINIATURE,
+                     config="configs/gpu-7b.yaml")  # fmt: skip
+    assert _status(head, "warp-7b") == "SUCCEEDED", result.stdout[-4000:] + result.stderr[-2000:]
     assert result.returncode == 0
     for i in (1, 2):
         for sub in ("run-1", "run-2", "slerp", "init"):
@@ -281,7 +317,11 @@ def test_job_submit_trains_on_a_multi_node_cluster(head: Head, tmp_path: Path) -
     # Strategies as Ray's placement_group_table reported them during the run (the state API has none).
     assert {record["groups"][f"run-{m}/learner"]["strategy"] for m in (1, 2)} == {"STRICT_PACK"}
     groups = [g for g in _state(head, "placement-groups") if g["name"].startswith("warp:")]
-    assert len(groups) == 1 + 2 * 2 and all(g["state"] == "REMOVED" for g in groups), groups  # released at the end
+    # merger, reward model, and per run a learner and an engine: all released at the end
+    assert len(groups) == 2 + 2 * 2 and all(g["state"] == "REMOVED" for g in groups), groups
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["learners"]["zero_stage"] == 3 and config["learners"]["zero3_persistence_threshold"] == 100_000
+    assert config["model"]["dtype"] == "bfloat16" and config["actors"]["multiprocessing"] is True
     # The working directory went up without what .gitignore names (the virtualenv, caches, runs).
     unpacked = head.temp_dir / "session_latest" / "runtime_resources" / "working_dir_files"
     (package,) = [p for p in unpacked.glob("_ray_pkg_*") if p.is_dir()]  # beside it: the downloaded zip
@@ -323,3 +363,30 @@ def test_a_learner_bigger_than_the_cluster_fails_before_any_actor(head: Head, tm
     # config.yaml was written before the check: it records the dtype `auto` resolved to, which a resume keeps
     dtype = "bfloat16" if native_bf16_cpu() else "float32"
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]["dtype"] == dtype
+
+
+@pytest.mark.ray
+def test_a_node_that_does_not_see_the_output_dir_is_named_before_any_actor(head: Head, tmp_path: Path) -> None:
+    """A node in its own mount namespace, an empty tmpfs over output.dir's parent: the run's learner would land
+    there and write its checkpoints where the driver never sees them. The driver names it and exits 2."""
+    masked = Path(tempfile.mkdtemp(prefix="wr-masked-", dir="/tmp"))
+    isolated = ("127.0.0.5", 1, {"isolated_node": 1})
+    first = len(head.workers)
+    try:
+        _add_workers(head, head.temp_dir, [isolated], masked=masked)
+        before = len(_actors(head, "LearnerRank"))
+        shape = ["warp.runs=1", "learners.num_cpus=0.5", "resources.learner_resource=isolated_node"]
+        result = _submit(head, "warp-masked", f"output.dir={masked / 'run'}", *shape)
+        assert _status(head, "warp-masked") == "FAILED" and result.returncode != 0
+        logs = _ray(head, "job", "logs", "warp-masked", timeout=60).stdout
+        assert f"node 127.0.0.5 does not see output.dir {str(masked / 'run')!r}" in logs, logs[-3000:]
+        assert "Traceback" not in logs, logs[-3000:]
+        assert len(_actors(head, "LearnerRank")) == before  # no rank was ever started
+        assert not list((masked / "run").glob(".storage-probe-*"))  # the probe is removed
+    finally:
+        for process in head.workers[first:]:
+            process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=60)
+        _kill_node(head, "127.0.0.5")
+        shutil.rmtree(masked, ignore_errors=True)
