@@ -82,21 +82,6 @@ def test_score_rollouts_applies_length_penalty():
     assert scored.column("reward").to_pylist() == [3.0 - 0.5 * 4, 1.0 - 0.5 * 1]
 
 
-@pytest.fixture(scope="module")
-def classifier_dir(tmp_path_factory, tiny_model_dir):
-    """A tiny random Llama sequence classifier (one label) with the tiny model's tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
-
-    out = tmp_path_factory.mktemp("reward-model")
-    config = LlamaConfig.from_pretrained(tiny_model_dir)
-    config.num_labels = 1
-    torch.manual_seed(0)
-    LlamaForSequenceClassification(config).save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out
-
-
 def _direct_scores(path, texts):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

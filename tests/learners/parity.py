@@ -159,14 +159,21 @@ def _arrays(pairs) -> dict[str, np.ndarray]:
     return {name: t.detach().float().cpu().numpy().copy() for name, t in pairs}
 
 
-def relative_gap(test: dict[str, np.ndarray], reference: dict[str, np.ndarray], start: dict[str, np.ndarray]) -> float:
-    """‖(test − start) − (reference − start)‖ / ‖reference − start‖ over all tensors: how far the layout's *update*
-    is from the reference's, relative to the update itself (weights barely move in a few steps, so comparing the
-    weights alone would pass anything)."""
+def relative_gap(
+    test: dict[str, np.ndarray],
+    reference: dict[str, np.ndarray],
+    start: dict[str, np.ndarray],
+    test_start: dict[str, np.ndarray] | None = None,
+) -> float:
+    """‖(test − test_start) − (reference − start)‖ / ‖reference − start‖ over all tensors: how far the layout's
+    *update* is from the reference's, relative to the update itself (weights barely move in a few steps, so
+    comparing the weights alone would pass anything). ``test_start`` (default ``start``): where the test started,
+    when that is another rounding of θ_init (a bf16 learner against the fp32 one)."""
+    test_start = start if test_start is None else test_start
     num = den = 0.0
     for name, ref in reference.items():
         d_ref = ref.astype(np.float64) - start[name]
-        d_test = test[name].astype(np.float64) - start[name]
+        d_test = test[name].astype(np.float64) - test_start[name]
         num += float(((d_test - d_ref) ** 2).sum())
         den += float((d_ref**2).sum())
     return (num / den) ** 0.5 if den else float("inf")

@@ -53,17 +53,6 @@ def outcomes(pool, tiny_model_dir) -> dict:
     return {layout: pool.run(tiny_model_dir, layout, BATCHES, PROBE) for layout in FULL + LORA}
 
 
-def _own_gap(test, test_start, ref, ref_start) -> float:
-    """relative_gap where test and reference start from different roundings of θ_init (bf16 against fp32)."""
-    num = den = 0.0
-    for name, r in ref.items():
-        d_ref = r.astype(np.float64) - ref_start[name]
-        d_test = test[name].astype(np.float64) - test_start[name]
-        num += float(((d_test - d_ref) ** 2).sum())
-        den += float((d_ref**2).sum())
-    return (num / den) ** 0.5
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [x for x in FULL + LORA if x.dtype == "float32"], ids=lambda x: x.name)
@@ -90,10 +79,9 @@ def test_fp32_layouts_take_the_reference_steps(outcomes, layout) -> None:
 def test_bf16_layouts_are_as_exact_as_the_reference(outcomes, layout) -> None:
     run, ref, exact = outcomes[layout], outcomes[_reference(layout)], outcomes[_reference(layout, "float32")]
     for part in ("policy", "anchor"):
-        noise = _own_gap(getattr(ref, part), getattr(ref, f"start_{part}"), getattr(exact, part),
-                         getattr(exact, f"start_{part}"))  # fmt: skip
-        mine = _own_gap(getattr(run, part), getattr(run, f"start_{part}"), getattr(exact, part),
-                        getattr(exact, f"start_{part}"))  # fmt: skip
+        target, target_start = getattr(exact, part), getattr(exact, f"start_{part}")
+        noise = relative_gap(getattr(ref, part), target, target_start, getattr(ref, f"start_{part}"))
+        mine = relative_gap(getattr(run, part), target, target_start, getattr(run, f"start_{part}"))
         assert 0 < noise < 0.2, f"{part}: {noise}"  # bf16 rounding, not a broken reference
         assert mine <= BF16_FACTOR * noise, f"{part}: {mine} from the fp32 learner's update, reference {noise}"
     # The anchor's forward reads its accumulators rounded to bf16: as close to them as the reference's are.

@@ -268,31 +268,16 @@ GPU_7B_IN_MINIATURE = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def reward_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    """A tiny random Llama sequence classifier (one label) with the tiny model's tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
-
-    out = tmp_path_factory.mktemp("reward-model")
-    config = LlamaConfig.from_pretrained(tiny_model_dir)
-    config.num_labels = 1
-    torch.manual_seed(0)
-    LlamaForSequenceClassification(config).save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out
-
-
 @pytest.mark.ray
 @pytest.mark.vllm
 def test_job_submit_trains_the_7b_recipe_in_miniature_on_a_multi_node_cluster(
-    head: Head, tmp_path: Path, reward_model_dir: Path
+    head: Head, tmp_path: Path, classifier_dir: Path
 ) -> None:
     """configs/gpu-7b.yaml at its own stage, threshold, dtype and transport: each run a 2-rank ZeRO-3 learner on a
     learner node, weights broadcast by the learner over gloo to its engine on the rollout node (several engines in
     one broadcast group: tests/actors/test_transport.py)."""
     out = tmp_path / "run"
-    result = _submit(head, "warp-7b", f"output.dir={out}", f"reward.path={reward_model_dir}", *GPU_7B_IN_MINIATURE,
+    result = _submit(head, "warp-7b", f"output.dir={out}", f"reward.path={classifier_dir}", *GPU_7B_IN_MINIATURE,
                      config="configs/gpu-7b.yaml")  # fmt: skip
     assert _status(head, "warp-7b") == "SUCCEEDED", result.stdout[-4000:] + result.stderr[-2000:]
     assert result.returncode == 0
