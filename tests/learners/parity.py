@@ -46,6 +46,7 @@ class Outcome:
     anchor_logp: np.ndarray  # log π_ema of a probe batch
     start_policy: dict[str, np.ndarray]  # the same, before the first step
     start_anchor: dict[str, np.ndarray]
+    adapter_tensors: int  # LoRA: tensors of the exported fp32 adapter; 0 otherwise
     masters: list[dict[str, np.ndarray]]  # with ``trace``: after each step, what the EMA must follow (fp32 masters;
     rounded: list[dict[str, np.ndarray]]  # LoRA: the factors), and the same in the model's dtype
 
@@ -53,10 +54,10 @@ class Outcome:
 def _learners_config(layout: Layout, **overrides: Any):
     from warp_rlhf.config import LearnersConfig, LoraConfig
 
-    lora = LoraConfig(rank=layout.lora, alpha=2.0 * layout.lora, target_modules=("q_proj", "v_proj"))
+    adapter = dict(rank=layout.lora, alpha=2.0 * layout.lora, target_modules=("q_proj", "v_proj"))
     kwargs = dict(ranks=layout.ranks, num_cpus=1, zero_stage=layout.stage, lr=layout.lr, warmup_steps=0,
                   micro_batch_size=2, baseline="mean", zero3_persistence_threshold=layout.threshold,
-                  lora=lora if layout.lora else LoraConfig())  # fmt: skip
+                  lora=LoraConfig(**adapter) if layout.lora else LoraConfig())  # fmt: skip
     return LearnersConfig(**(kwargs | overrides))
 
 
@@ -99,6 +100,9 @@ class _Worker:
                     masters.append(_arrays((learner.weights(master=True) or _Empty()).tensors()))
                     rounded.append(_arrays((learner.weights() or _Empty()).tensors()))
             policy = learner.weights(master=True)
+            # LoRA: the adapter as the loop saves it (fp32 masters: a collective under ZeRO 1-2 with R = 2, which
+            # hung when rank 0 alone took part).
+            adapter = learner.adapter(master=True) if layout.lora else None
             anchor = learner.anchor
             ema = anchor.gathered() if anchor.partitioned else anchor.state_dict()  # gathered(): collective
             if layout.lora:  # the anchor's factors, as its forward swaps them into the policy
@@ -113,7 +117,8 @@ class _Worker:
                 return metrics
             return Outcome(metrics=metrics, policy=_arrays(policy.tensors()), anchor=_arrays(ema.items()),
                            anchor_module=held, anchor_logp=logp.float().cpu().numpy(), start_policy=start_policy,
-                           start_anchor=start_anchor, masters=masters, rounded=rounded)  # fmt: skip
+                           start_anchor=start_anchor, masters=masters, rounded=rounded,
+                           adapter_tensors=len(adapter.weights.specs) if adapter is not None else 0)  # fmt: skip
         finally:
             learner.shutdown()
 

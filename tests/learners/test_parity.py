@@ -69,6 +69,7 @@ def test_fp32_layouts_take_the_reference_steps(outcomes, layout) -> None:
         assert not mine["skipped"] and mine["sequences"] == theirs["sequences"] == 12
         for key in ("reward", "kl", "entropy", "loss", "grad_norm"):
             assert mine[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-5), key
+    assert run.adapter_tensors == (2 * 2 * 2 if layout.lora else 0)  # 2 layers × (q, v) × (A, B)
     moved = relative_gap(ref.start_anchor, ref.anchor, ref.start_anchor)  # = 1: the anchor moved at all
     assert moved == pytest.approx(1.0)
 
@@ -85,6 +86,7 @@ def test_bf16_layouts_are_as_exact_as_the_reference(outcomes, layout) -> None:
         assert 0 < noise < 0.2, f"{part}: {noise}"  # bf16 rounding, not a broken reference
         assert mine <= BF16_FACTOR * noise, f"{part}: {mine} from the fp32 learner's update, reference {noise}"
     # The anchor's forward reads its accumulators rounded to bf16: as close to them as the reference's are.
+    assert run.adapter_tensors == (2 * 2 * 2 if layout.lora else 0)  # 2 layers × (q, v) × (A, B)
     held = relative_gap(run.anchor_module, run.anchor, run.start_anchor)
     expected = relative_gap(ref.anchor_module, ref.anchor, ref.start_anchor)
     assert held <= BF16_FACTOR * expected, f"anchor module {held} from its accumulators, reference {expected}"
