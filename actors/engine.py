@@ -307,12 +307,22 @@ class GenerationEngine:
     # ---------------------------------------------------------------------------------------------
     # Weights
 
-    def load_weights(self, weights: FlatWeights, version: int) -> int:
+    def load_weights(self, weights: FlatWeights | str, version: int) -> int:
         """Check, then replace the weights in place (no restart), drop the prefix cache, tag later rows ``version``.
 
-        Raises WeightMismatchError when the tensors are not the model's (nothing written), and
+        ``weights``: FlatWeights, or an HF directory (θ_init as the merger wrote it), read by vLLM's workers one
+        tensor at a time. Raises WeightMismatchError when the tensors are not the model's (nothing written), and
         PartialLoadError when the write failed part-way (the engine is then stale).
         """
+        if isinstance(weights, str | Path):
+            from merger.checkpoint import CheckpointState
+
+            state = CheckpointState(weights)
+            self._check_specs(state.specs, version)
+            state.close()
+            self.adapters.clear()
+            self._write(version, lambda: self.llm.collective_rpc("warp_load_checkpoint", args=(str(weights),)))
+            return self.version
         self._check_specs(weights.specs, version)
         self.adapters.clear()  # trained on the old base
         if self.cfg.multiprocessing:

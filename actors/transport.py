@@ -19,6 +19,7 @@ Imports ray lazily; never vllm or deepspeed.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from merger.flat import FlatWeights
@@ -44,11 +45,14 @@ class WeightPublisher(Protocol):
 
 
 def as_ref(source: Any, version: int | None = None) -> Any:
-    """An ObjectRef to FlatWeights for any source (a publisher exports its weights once, into the store)."""
+    """What every engine loads from: an HF directory's path as it is (each engine reads it), else an ObjectRef to
+    FlatWeights (a publisher exports its weights once, into the store)."""
     import ray
 
     if isinstance(source, ray.ObjectRef):
         return source
+    if isinstance(source, str | Path):
+        return str(source)
     if isinstance(source, FlatWeights):
         return ray.put(source)
     if isinstance(source, WeightPublisher):

@@ -133,6 +133,17 @@ class WeightReceiver:
         self._warp_reload(weights.tensors(), len(weights.specs))
         return weights.nbytes
 
+    def warp_load_checkpoint(self, path: str) -> int:
+        """An HF directory (θ_init as the merger wrote it), read a tensor at a time as the loader takes them."""
+        from merger.checkpoint import CheckpointState
+
+        state = CheckpointState(path)
+        try:
+            self._warp_reload(state.tensors(), len(state))
+            return state.checkpoint.nbytes
+        finally:
+            state.close()
+
     def warp_load_file(self, path: str, wire_specs: list[Any]) -> int:
         """Multiprocess mode: tensors in RPC arguments arrive as lists, so the bytes come as a /dev/shm file."""
         import numpy as np

@@ -1,13 +1,16 @@
 """Benchmark: the merger's peak memory merging M = 2 policies of a large random Llama, against `plan`'s estimate.
 
 Writes θ_init (a random Llama of about ``--params`` parameters, fp32, tensor by tensor: never whole in memory) and M
-policies θ_init + noise into a scratch directory, then merges them in a fresh process, as the merger actor does in a
-run: policies streamed from the learners' checkpoint directories, θ_init from the object store (``--init store``,
-what a run does) or from its directory (``--init dir``). Prints that process's resident set before and at the peak
-of the merge, the model's size, and what `warp-rlhf plan` estimates for the merger (``merger_estimate``): the figures
-the README quotes, and what tests/merger/test_memory.py checks at a small size.
+policies θ_init + noise into a scratch directory, then merges them twice, each in a fresh process, and prints that
+process's resident set before and at the peak of the merge, by kind (private, file, shared memory):
+- ``streamed``: what a run's merger does now: θ_init and the policies read from their directories, θ_slerp and
+  θ_init written to disk tensor by tensor, nothing held whole (``Merger.merge_to_disk``);
+- ``returned``: what it did before: θ_init from the object store, the merged θ_init returned whole for the object
+  store (``Merger.merge`` with ``keep``), the policies already streamed from directories.
+Then `warp-rlhf plan`'s estimate for the merger (``merger_estimate``): the figures the README quotes, and what
+tests/merger/test_memory.py checks at a small size.
 
-    .venv/bin/python bench/merger_memory.py --params 1.2e9 [--init store|dir] [--keep DIR] [--json]
+    .venv/bin/python bench/merger_memory.py --params 1.2e9 [--keep DIR] [--json]
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ def write_models(root: Path, params: float, runs: int) -> tuple[Path, list[Path]
 
 
 CHILD = r"""
-import json, resource, sys
+import json, resource, sys, threading, time
 from pathlib import Path
 from merger.service import Merger
 from warp_rlhf.config import config_from_dict
@@ -90,13 +93,12 @@ def rss():
     return int(Path("/proc/self/statm").read_text().split()[1]) * 4096
 cfg = config_from_dict({"warp": {"runs": len(policies)}, "output": {"dir": out}})
 source = init
-if mode == "store":  # as in a run: θ_init arrives from the object store (zero-copy pages of its shared memory)
+if mode == "returned":  # as before: θ_init arrives from the object store (zero-copy pages of its shared memory)
     import ray
     from merger.checkpoint import load_flat
     ray.init(num_cpus=1, include_dashboard=False, object_store_memory=int(Path(init, "..", "bytes").read_text()))
     ref = ray.remote(load_flat).remote(init)  # put by a worker: this process never holds a private copy
-    source = ray.get(ref)  # zero-copy: pages of the object store's shared memory, counted once touched
-import threading, time
+    source = ray.get(ref)
 peaks = {"RssAnon": 0, "RssFile": 0, "RssShmem": 0}
 done = threading.Event()
 def sample():  # the resident set by kind, at its largest during the merge (ru_maxrss has the total only)
@@ -108,10 +110,16 @@ def sample():  # the resident set by kind, at its largest during the merge (ru_m
         time.sleep(0.01)
 before = rss()
 threading.Thread(target=sample, daemon=True).start()
-summary, _ = Merger(cfg, init).merge_with_summary(1, source, policies)
+start = time.perf_counter()
+merger = Merger(cfg, init)
+if mode == "returned":
+    merger.merge(1, source, policies, keep=True)
+else:
+    merger.merge_to_disk(1, source, policies)
+seconds = time.perf_counter() - start
 done.set()
 print(json.dumps({"rss_before": before, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                  "peaks_by_kind": peaks, "output_bytes": summary["bytes"], "seconds": summary["seconds"]}))
+                  "peaks_by_kind": peaks, "seconds": seconds}))
 """
 
 
@@ -121,11 +129,11 @@ def measure(init: Path, policies: list[Path], out: Path, mode: str) -> dict:
     with Checkpoint(init) as checkpoint:
         model_bytes = checkpoint.nbytes
     (init.parent / "bytes").write_text(str(int(model_bytes * 1.3) + (256 << 20)))
-    env_python = sys.executable
-    result = subprocess.run([env_python, "-c", CHILD, str(init), str(out), mode, *map(str, policies)], cwd=ROOT,
+    shutil.rmtree(out, ignore_errors=True)
+    result = subprocess.run([sys.executable, "-c", CHILD, str(init), str(out), mode, *map(str, policies)], cwd=ROOT,
                             capture_output=True, text=True, check=False)  # fmt: skip
     if result.returncode != 0:
-        raise SystemExit(f"merge failed:\n{result.stderr[-3000:]}")
+        raise SystemExit(f"merge ({mode}) failed:\n{result.stderr[-3000:]}")
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     return figures | {"model_bytes": model_bytes}
 
@@ -144,7 +152,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=float, default=1.2e9)
     parser.add_argument("--runs", type=int, default=2)
-    parser.add_argument("--init", choices=("store", "dir"), default="store")
+    parser.add_argument("--modes", nargs="+", choices=("streamed", "returned"), default=["streamed", "returned"])
     parser.add_argument("--keep", type=Path, help="scratch directory to keep (default: a temporary one, removed)")
     parser.add_argument("--json", action="store_true", help="print one JSON line only")
     args = parser.parse_args()
@@ -153,7 +161,8 @@ def main() -> None:
         if not (root / "sft").is_dir():
             write_models(root, args.params, args.runs)
         policies = [root / f"policy-{m}" for m in range(1, args.runs + 1)]
-        figures = measure(root / "sft", policies, root / "run", args.init) | estimate(root / "sft", args.runs)
+        figures = {mode: measure(root / "sft", policies, root / "run", mode) for mode in args.modes}
+        figures |= estimate(root / "sft", args.runs)
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
@@ -161,16 +170,15 @@ def main() -> None:
     if args.json:
         print(json.dumps(figures))
         return
-    grown = figures["peak_rss"] - figures["rss_before"]
-    print(f"model: {figures['params'] / 1e9:.2f}B parameters, {figures['model_bytes'] / GIB:.2f} GiB fp32; "
-          f"M = {args.runs}; θ_init from the {'object store' if args.init == 'store' else 'directory'}")  # fmt: skip
-    before, peak = figures["rss_before"] / GIB, figures["peak_rss"] / GIB
-    print(f"merger process: {before:.2f} GiB before the merge, peak {peak:.2f} GiB: the merge added "
-          f"{grown / GIB:.2f} GiB = {grown / figures['model_bytes']:.2f} × the model")  # fmt: skip
-    kinds = figures["peaks_by_kind"]
-    print("largest resident set by kind during the merge (GiB): " + ", ".join(
-        f"{k.removeprefix('Rss').lower()} {v / GIB:.2f}" for k, v in kinds.items()))  # fmt: skip
-    print(f"merge took {figures['seconds']:.1f} s")
+    model_bytes = figures[args.modes[0]]["model_bytes"]
+    print(f"model: {figures['params'] / 1e9:.2f}B parameters, {model_bytes / GIB:.2f} GiB fp32; M = {args.runs}")
+    for mode in args.modes:
+        f = figures[mode]
+        grown = f["peak_rss"] - f["rss_before"]
+        kinds = ", ".join(f"{k.removeprefix('Rss').lower()} {v / GIB:.2f}" for k, v in f["peaks_by_kind"].items())
+        before, peak = f["rss_before"] / GIB, f["peak_rss"] / GIB
+        print(f"{mode:>9}: {before:.2f} GiB before the merge, peak {peak:.2f} GiB ({grown / model_bytes:.2f} × the "
+              f"model added; largest by kind: {kinds}), {f['seconds']:.1f} s")  # fmt: skip
     print("plan's estimate (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in figures["estimate_gib"].items()))
 
 

@@ -17,7 +17,7 @@ Imports torch; deepspeed only inside the partitioned anchor; never Ray or vLLM.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -55,10 +55,11 @@ class EmaAnchor:
         self.updates = 0
 
     @torch.no_grad()
-    def reset(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """θ_ema ← θ_init (every name of the anchor must be given once)."""
+    def reset(self, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> None:
+        """θ_ema ← θ_init (every name of the anchor must be given once), from (name, tensor) pairs or a mapping."""
         seen = set()
-        for name, tensor in named_tensors:
+        pairs = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
+        for name, tensor in pairs:
             self.ema[name].copy_(tensor)
             seen.add(name)
         _check_complete(self.ema, seen)
@@ -145,11 +146,13 @@ class PartitionedAnchor:
         self.updates = 0
 
     @torch.no_grad()
-    def reset(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """θ_ema ← θ_init from full tensors; collective (each parameter is gathered, written, re-partitioned)."""
+    def reset(self, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> None:
+        """θ_ema ← θ_init from full tensors; collective (each parameter is gathered, written, re-partitioned).
+
+        A mapping is read one tensor at a time (a checkpoint directory's ``CheckpointState``): never whole."""
         import deepspeed
 
-        given = dict(named_tensors)
+        given = named_tensors if isinstance(named_tensors, Mapping) else dict(named_tensors)
         _check_complete(self.ema, set(given))
         for name, param in self.params.items():
             with deepspeed.zero.GatheredParameters([param], modifier_rank=0):

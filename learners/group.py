@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from merger.flat import FlatWeights
     from warp_rlhf.config import LearnersConfig
 
+    Weights = FlatWeights | ray.ObjectRef | str | Path
+
 
 class LearnerGroup:
     """One learner of ``cfg.ranks`` DeepSpeed ranks; the same API as LearnerRank, driven from the driver."""
@@ -140,14 +142,12 @@ class LearnerGroup:
 
         return ray.get(self.weights_ref(version, master))
 
-    def load_init(
-        self, weights: FlatWeights | ray.ObjectRef, anchor: FlatWeights | ray.ObjectRef | None = None
-    ) -> None:
-        """Reset every rank to θ_init (policy, anchor, Adam, warm-up), the anchor to ``anchor`` if given;
-        a ref is fetched once per node."""
+    def load_init(self, weights: Weights, anchor: Weights | None = None) -> None:
+        """Reset every rank to θ_init (policy, anchor, Adam, warm-up), the anchor to ``anchor`` if given; an HF
+        directory is read by every rank, a tensor at a time; a ref is fetched once per node."""
         import ray
 
-        refs = [w if w is None or isinstance(w, ray.ObjectRef) else ray.put(w) for w in (weights, anchor)]
+        refs = [_shareable(w) for w in (weights, anchor)]
         ray.get([rank.load_init.remote(*refs) for rank in self.ranks])
 
     def save_state(self, directory: str | Path) -> None:
@@ -166,11 +166,11 @@ class LearnerGroup:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-    def load_state(self, directory: str | Path, init: FlatWeights | ray.ObjectRef | None = None) -> None:
+    def load_state(self, directory: str | Path, init: Weights | None = None) -> None:
         """Every rank continues from ``directory``; ``init``: the iteration's θ_init (LoRA: the saved policy's base)."""
         import ray
 
-        ref = init if init is None or isinstance(init, ray.ObjectRef) else ray.put(init)
+        ref = _shareable(init)
         ray.get([rank.load_state.remote(str(directory), ref) for rank in self.ranks])
 
     # ------------------------------------------------------------------------------------------------
@@ -208,6 +208,17 @@ class LearnerGroup:
         if self._own_group and self.placement_group is not None:
             remove_placement_group(self.placement_group)
         self.placement_group = None
+
+
+def _shareable(weights: Any) -> Any:
+    """What goes to every rank: an HF directory as its path, FlatWeights put once into the object store."""
+    import ray
+
+    if weights is None or isinstance(weights, ray.ObjectRef):
+        return weights
+    if isinstance(weights, str | Path):
+        return str(weights)
+    return ray.put(weights)
 
 
 def merge_drift(per_rank: list[dict[int, list[float]]]) -> dict[str, Any]:

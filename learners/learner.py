@@ -144,7 +144,7 @@ class LearnerRank:
         # would count it, and its bias correction made the first real update 0.74 of the rate. Start at step 0.
         self._reset_optimizer()
         self.broadcaster = Broadcaster(rank)
-        self._wide_init: dict[str, torch.Tensor] | None = None
+        self._wide_init: Any = None  # θ_init wider than the frozen base (LoRA in bf16): name → tensor
         self.steps = 0  # step() calls, skipped ones included: the driver's t
         self.updates = 0  # optimizer updates applied since the last load_init
         self.version = 0  # weights version: the loaded init's version plus applied updates
@@ -434,9 +434,10 @@ class LearnerRank:
     def weight_sender_info(self) -> dict[str, Any]:
         return self.broadcaster.info()
 
-    def load_init(self, weights: FlatWeights, anchor: FlatWeights | None = None) -> None:
+    def load_init(self, weights: FlatWeights | str | Path, anchor: FlatWeights | str | Path | None = None) -> None:
         """θ ← θ_init and θ_ema ← θ_init (or ``anchor``: θ_sft for a fixed anchor); Adam moments and the
-        warm-up restart, as a fresh run would.
+        warm-up restart, as a fresh run would. Weights are FlatWeights or an HF directory, read one tensor at a
+        time (a run hands θ_init on as ``iter-<i>/init``: no rank holds a second model, none passes through Ray).
 
         Restarting the warm-up follows the paper: every run of every iteration starts from θ_init with
         a fresh optimizer, and a run without warm-up would take its first steps at full lr with empty
@@ -444,14 +445,15 @@ class LearnerRank:
         """
         import torch
 
+        version = getattr(weights, "version", 0)  # a directory carries none: the driver tags versions itself
         if self.lora:  # the frozen base ← θ_init, a fresh adapter: B = 0, so the policy is θ_init exactly
             self._keep_wide_init(weights)
-            lora.load_base(self.engine.module, weights.state_dict())
+            lora.load_base(self.engine.module, state_of(weights))
             # A's random init from (seed, version): the same on every rank, and on a re-run.
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + weights.version)
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + version)
             lora.reset_adapter(self.engine.module, generator)
         else:
-            state = self._matching(weights.state_dict())
+            state = self._matching(state_of(weights))
             with torch.no_grad():
                 for name, param in full_parameters(self.engine.module, modify=True):
                     param.copy_(state[name])
@@ -462,19 +464,20 @@ class LearnerRank:
             # θ_init wider than the model (the merger's fp32 result): the masters, like the EMA's fp32
             # accumulators, get it exactly, not its rounding to the model dtype.
             load_master_parameters(self.engine.module, self.engine.optimizer, state)
-            self.anchor.reset(state.items() if anchor is None else self._matching(anchor.state_dict()).items())
+            self.anchor.reset(state if anchor is None else self._matching(state_of(anchor)))
         self.updates = 0
-        self.version = weights.version
+        self.version = version
 
-    def _keep_wide_init(self, weights: FlatWeights | None) -> None:
+    def _keep_wide_init(self, weights: FlatWeights | str | Path | None) -> None:
         """LoRA in bf16: keep θ_init when it is wider than the frozen base (the merger's fp32 result).
 
         The saved policy is then θ_init + s·B·A, and its task vector s·B·A exactly; from the bf16 base it would also
         carry θ_init's rounding, the same in every run, which SLERP would count as agreement between the runs. The
         tensors are views of the buffer Ray maps from its object store: no copy in this process.
         """
-        wide = weights is not None and self.dtype != "float32" and any(s.dtype == "float32" for s in weights.specs)
-        self._wide_init = weights.state_dict() if wide else None
+        state = state_of(weights) if weights is not None and self.dtype != "float32" else None
+        wide = state is not None and any(s.dtype == "float32" for s in state_specs(weights, state))
+        self._wide_init = state if wide else None
 
     def _matching(self, state: dict) -> dict:  # the policy's parameter names exactly, or KeyError
         names = {name for name, _ in self.engine.module.named_parameters()}
@@ -508,7 +511,7 @@ class LearnerRank:
         save_rank_state(directory, self.engine, self.anchor, self.rank, counters)
         barrier(self.world_size)
 
-    def load_state(self, directory: str | Path, init: FlatWeights | None = None) -> None:
+    def load_state(self, directory: str | Path, init: FlatWeights | str | Path | None = None) -> None:
         """Continue exactly where save_state left off (same ranks, same ZeRO stage); ``init``: the iteration's
         θ_init, which a LoRA learner's saved policy is formed on (the checkpoint holds only its rounding; None keeps
         the one load_init gave)."""
@@ -523,6 +526,18 @@ class LearnerRank:
         if self.anchor.partitioned:
             self.anchor.engine.destroy()
         self.engine.destroy()
+
+
+def state_of(weights: FlatWeights | str | Path) -> Any:
+    """``name → tensor`` of FlatWeights (views of its buffer) or of an HF directory (each tensor read when used)."""
+    from merger.checkpoint import CheckpointState
+    from merger.flat import FlatWeights
+
+    return weights.state_dict() if isinstance(weights, FlatWeights) else CheckpointState(weights)
+
+
+def state_specs(weights: Any, state: Any) -> tuple:
+    return weights.specs if hasattr(weights, "specs") else state.specs
 
 
 def torch_index(rows: np.ndarray, device: torch.device) -> torch.Tensor:

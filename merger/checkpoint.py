@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from merger.errors import CheckpointError
-from merger.flat import FlatWeights, allocate
+from merger.flat import FlatWeights, TensorSpec, allocate, layout_specs
 
 if TYPE_CHECKING:
     import torch
@@ -390,6 +390,41 @@ def save_hf(
         for name, tensor in tensors.items():
             writer.write(name, tensor)
     return Path(out_dir)
+
+
+class CheckpointState(Mapping):
+    """An HF directory as a read-only ``name → tensor`` mapping that reads each tensor when it is asked for.
+
+    How a learner takes θ_init from the run directory: it copies each tensor into its parameters and drops it,
+    so no rank ever holds a second full model (nor the object store a copy of it). Every lookup reads the file
+    again (the page cache serves repeats); ``specs`` are the tensors as FlatWeights would describe them.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.checkpoint = Checkpoint(path)
+        self.path = self.checkpoint.path
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.checkpoint.entries:
+            raise KeyError(name)
+        return self.checkpoint.tensor(name)
+
+    def __iter__(self):
+        return iter(self.checkpoint.entries)
+
+    def __len__(self) -> int:
+        return len(self.checkpoint.entries)
+
+    @property
+    def specs(self) -> tuple[TensorSpec, ...]:
+        return layout_specs((e.name, e.dtype, e.shape, e.nbytes) for e in self.checkpoint.entries.values())
+
+    def tensors(self):
+        """(name, tensor) in the checkpoint's order, one read each, like ``FlatWeights.tensors``."""
+        return ((name, self[name]) for name in self)
+
+    def close(self) -> None:
+        self.checkpoint.close()
 
 
 def load_flat(path: str | Path, version: int = 0) -> FlatWeights:

@@ -89,8 +89,15 @@ def allocate(entries: Iterable[tuple[str, str, tuple[int, ...], int]], version: 
     Lets a reader fill the buffer in place (a checkpoint read straight into it, a merge writing its
     result into it) instead of building every tensor first and packing them afterwards.
     """
+    specs = layout_specs(entries)
+    end = _aligned(specs[-1].offset + specs[-1].nbytes) if specs else 0
+    return FlatWeights(np.empty(end, dtype=np.uint8), specs, version)
+
+
+def layout_specs(entries: Iterable[tuple[str, str, tuple[int, ...], int]]) -> tuple[TensorSpec, ...]:
+    """The TensorSpecs `allocate` lays (name, dtype, shape, nbytes) entries out as, without a buffer."""
     specs, offset = [], 0
     for name, dtype, shape, nbytes in entries:
         specs.append(TensorSpec(name, dtype, tuple(shape), offset, nbytes))
         offset = _aligned(offset + nbytes)
-    return FlatWeights(np.empty(offset, dtype=np.uint8), tuple(specs), version)
+    return tuple(specs)

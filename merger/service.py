@@ -3,8 +3,9 @@
 Owns ``Merger``, a plain class that works in-process, and ``MergerService``, the same class as a Ray
 actor with resources from config (``ray.remote(...)(Merger)``, built here, never a decorator). Inputs
 are FlatWeights, Ray object references to FlatWeights, or HF directories, in any mix; the merge
-streams one tensor at a time, writes ``<output>/iter-<i>/slerp`` and ``iter-<i>/init`` per the output
-contract, and returns the new θ_init as FlatWeights: numpy bytes, which Ray fans out zero-copy.
+streams one tensor at a time and writes ``<output>/iter-<i>/slerp`` and ``iter-<i>/init`` per the output
+contract. In-process it can also return the new θ_init as FlatWeights; the service (a run's merger) keeps
+nothing whole, and the run reads θ_init from ``iter-<i>/init``.
 
 Imports torch (through merger.streaming) and ray lazily, only in MergerService or when an input is an
 object reference; never vllm or deepspeed.
@@ -45,8 +46,13 @@ class Merger:
         self.reference_dir = Path(reference_dir)
         self.output_dir = Path(output_dir if output_dir is not None else config.output.dir)
 
-    def merge(self, iteration: int, init: Weights, policies: Sequence[Weights]) -> FlatWeights:
-        """θ_slerp and θ_init of 1-based ``iteration``, saved under ``iter-<i>/``; returns θ_init."""
+    def merge(
+        self, iteration: int, init: Weights, policies: Sequence[Weights], keep: bool = True
+    ) -> FlatWeights | None:
+        """θ_slerp and θ_init of 1-based ``iteration``, saved under ``iter-<i>/``; returns θ_init (``keep``) or None.
+
+        Without ``keep`` nothing is held whole: each tensor is merged into a buffer reused for the next and
+        written out (what a run does: its learners and engines read θ_init from ``iter-<i>/init``)."""
         if not policies:
             raise CheckpointError(f"iteration {iteration}: no policies to merge")
         lam = self.lam if len(policies) == 2 else None
@@ -60,8 +66,8 @@ class Merger:
             with Checkpoint(self.reference_dir) as reference:
                 check_same_layout(reference.layout, init_source.layout, str(self.reference_dir), "θ_init", dtypes=False)
             layout = merged_layout(init_source, sources)
-            out = allocate((name, d, s, tensor_nbytes(d, s)) for name, (d, s) in layout.items())
-            views = dict(out.tensors())
+            out = allocate((name, d, s, tensor_nbytes(d, s)) for name, (d, s) in layout.items()) if keep else None
+            views = dict(out.tensors()) if keep else None
             # Re-running an iteration (resume after a crash) replaces its complete, older outputs.
             writers = [
                 stack.enter_context(
@@ -74,24 +80,25 @@ class Merger:
             stream = merge_stream(
                 init_source, sources, self.settings.method, lam, self.eta, self.settings.granularity, True, views
             )
-            for name, merged, new_init in stream:  # new_init is views[name], already in the returned buffer
+            for name, merged, new_init in stream:  # with keep, new_init is views[name], in the returned buffer
                 writers[0].write(name, merged)
                 writers[1].write(name, new_init)
         return out
 
-    def merge_with_summary(
-        self, iteration: int, init: Weights, policies: Sequence[Weights]
-    ) -> tuple[dict[str, Any], FlatWeights]:
-        """``merge`` and a few numbers about it: what a driver waits on instead of the model itself."""
+    def merge_to_disk(self, iteration: int, init: Weights, policies: Sequence[Weights]) -> dict[str, Any]:
+        """``merge`` holding nothing whole, and a few numbers about it (tensors, bytes, seconds, this process's peak
+        RSS): what a driver waits on. θ_init is the directory ``iter-<i>/init``."""
         import resource
         import time
 
         start = time.perf_counter()
-        out = self.merge(iteration, init, policies)
+        self.merge(iteration, init, policies, keep=False)
         peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB, this process's peak so far
-        summary = {"iteration": iteration, "tensors": len(out.specs), "bytes": out.nbytes,
-                   "seconds": time.perf_counter() - start, "peak_rss_bytes": peak_kib * 1024}  # fmt: skip
-        return summary, out
+        init_dir = self.output_dir / f"iter-{iteration}" / "init"
+        with Checkpoint(init_dir) as written:
+            tensors, nbytes = len(written.entries), written.nbytes
+        return {"iteration": iteration, "init": str(init_dir), "tensors": tensors, "bytes": nbytes,
+                "seconds": time.perf_counter() - start, "peak_rss_bytes": peak_kib * 1024}  # fmt: skip
 
 
 def _source(weights: Any, stack: ExitStack) -> Source:
@@ -123,18 +130,14 @@ class MergerService:
         actor_class = ray.remote(Merger).options(**options)
         self._actor = actor_class.remote(config, str(Path(reference_dir).resolve()), str(output_dir))
 
-    def merge(self, iteration: int, init: Weights, policies: Sequence[Weights]) -> tuple[ray.ObjectRef, ray.ObjectRef]:
-        """Start the merge of one iteration: (summary, θ_init) references.
+    def merge(self, iteration: int, init: Weights, policies: Sequence[Weights]) -> ray.ObjectRef:
+        """Start the merge of one iteration; the reference is to its summary (``Merger.merge_to_disk``).
 
-        θ_init (FlatWeights) already lives in the object store: pass the reference itself to every actor pool
-        and learner group (no second ``ray.put``). The summary (a small dict: tensors, bytes, seconds, the
-        merger's peak RSS) is what a driver waits on: ``ray.get`` of it raises the merge's error, and the model
-        never comes into the driver. Directory inputs must be readable where the actor runs.
+        The merger holds no model whole: it streams θ_init and the policies tensor by tensor and writes
+        ``iter-<i>/slerp`` and ``iter-<i>/init``, from where learners and engines read the next θ_init. ``ray.get``
+        of the summary raises the merge's error. Directory inputs must be readable where the actor runs.
         """
-        summary, init_ref = self._actor.merge_with_summary.options(num_returns=2).remote(
-            iteration, init, list(policies)
-        )
-        return summary, init_ref
+        return self._actor.merge_to_disk.remote(iteration, init, list(policies))
 
     def shutdown(self) -> None:
         import ray

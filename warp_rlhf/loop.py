@@ -76,7 +76,7 @@ class Trainer:
         self.metrics = MetricsLog(out.metrics, out.root / "tensorboard" if cfg.output.tensorboard else None)
         self.runs: list[Run] = []
         self.stop = stop  # set (by a failing run or by Ctrl-C): every run stops at its next step boundary
-        self.anchor_ref: Any = None  # warp.anchor = sft: θ_sft in the object store, every run's fixed anchor
+        self.anchor_ref: Any = None  # warp.anchor = sft: θ_sft's directory, every run's fixed anchor
         with Checkpoint(sft_dir) as checkpoint:  # what a full-weight sync sends to each engine
             self.model_bytes = sum(entry.nbytes for entry in checkpoint.entries.values())
 
@@ -223,7 +223,7 @@ class Trainer:
         run.learner.load_init(init_ref, anchor=self.anchor_ref)
         run.version = self.version_base(i)
         if not self.cfg.actors.share_engines:  # a shared pool got θ_init once, before the runs started
-            run.pool.sync(init_ref, run.version)  # already in the object store: one read per node
+            run.pool.sync(init_ref, run.version)  # a directory: each engine reads it
         return 0
 
     def publish(self, run: Run) -> int:
@@ -326,11 +326,9 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
         return out.root
     report_merge_failure(out)
     # Only now, with the input checked: Ray and torch take seconds to import, a bad input's error does not.
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     from tqdm import tqdm
 
-    from merger import MergerService, load_flat
+    from merger import MergerService
     from warp_rlhf.cluster import RunPlacement, check_fits, check_shared_storage, connect, owns_ray, shutdown
 
     log.info("outputs: %s (θ_sft = %s, model.dtype = %s: %s)", out.root.resolve(), sft_dir, cfg.model.dtype, why)
@@ -358,23 +356,18 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
             trainer.start_runs()
             trainer.record_placement()
             merger = MergerService(cfg, sft_dir, placement_group=placement.get("merger"))
-            with startup.phase("θ_init into the object store"):
-                # Read by a task on this node: the object store holds θ_init, this process never does.
-                read = ray.remote(num_cpus=0, max_retries=0)(load_flat).options(
-                    scheduling_strategy=NodeAffinitySchedulingStrategy(
-                        ray.get_runtime_context().get_node_id(), soft=True
-                    )
-                )
-                init_ref = read.remote(str((out.init(done) if done else sft_dir).resolve()))
-                if cfg.warp.anchor == "sft":
-                    trainer.anchor_ref = read.remote(str(Path(sft_dir).resolve())) if done else init_ref
-                ray.wait([init_ref], fetch_local=False)
+            # θ_init travels as a directory on the shared storage (checked above): every learner rank and engine
+            # reads it a tensor at a time; no process holds it whole, the object store never does.
+            init_ref = str((out.init(done) if done else sft_dir).resolve())
+            if cfg.warp.anchor == "sft":
+                trainer.anchor_ref = str(Path(sft_dir).resolve())
             signals.check()
             for i in range(done + 1, cfg.warp.iterations + 1):
                 progress.set_description(f"WARP iteration {i}/{cfg.warp.iterations}")
                 policies = trainer.iteration(i, init_ref)  # Ctrl-C: the runs stop at their next step boundary
-                summary, init_ref = merger.merge(i, init_ref, policies)  # SLERP then LITI; θ_init stays in the store
+                summary = merger.merge(i, init_ref, policies)  # SLERP then LITI, streamed from and to disk
                 merged(out, i, summary)  # a failed merge is recorded and raised before the iteration counts
+                init_ref = str(out.init(i).resolve())
                 out.mark_completed(i)
                 trainer.metrics.flush()
                 shutil.rmtree(out.state / f"iter-{i}", ignore_errors=True)

@@ -176,17 +176,12 @@ def reward_estimate(cfg: Config, shape: ModelShape | None) -> Estimate:
 def merger_estimate(cfg: Config, shape: ModelShape) -> Estimate:
     """What the merger's process holds at its peak (measured: bench/merger_memory.py, tests/merger/test_memory.py).
 
-    It streams the M policies from the learners' checkpoint directories and writes θ_slerp and θ_init tensor by
-    tensor, but it returns θ_init whole, in fp32, for the object store the next iteration reads it from; it reads
-    the previous θ_init from the object store (its pages count in the process once touched); and it keeps two
-    read-ahead sets of one tensor per input plus two output tensors, each as large as the largest tensor in fp32.
+    It streams θ_init and the M policies from their directories and writes θ_slerp and θ_init tensor by tensor,
+    holding no model whole: two read-ahead sets of one tensor per input plus two output tensors, each as large as
+    the largest tensor in fp32.
     """
     m = cfg.warp.runs
-    items = [
-        ("θ_init returned (fp32)", shape.params * 4),
-        ("θ_init read from the object store (fp32 after the first merge)", shape.params * 4),
-        ("read-ahead and output tensors", (2 * (m + 1) + 2) * shape.largest_tensor * 4),
-    ]
+    items = [("read-ahead and output tensors", (2 * (m + 1) + 2) * shape.largest_tensor * 4)]
     return _estimate("merger", [], items + _process(0))
 
 

@@ -77,13 +77,12 @@ class _Worker:
         from learners.distributed import full_parameters, master_parameters
         from learners.learner import LearnerRank
         from learners.lora import adapter_parameters
-        from merger.checkpoint import load_flat
 
         cfg = _learners_config(layout)
         learner = LearnerRank(model_dir, cfg, beta=beta, mu=mu, dtype=layout.dtype, seed=0, rank=self.rank,
                               world_size=self.world, master_addr=self.addr, master_port=self.port)  # fmt: skip
         try:
-            learner.load_init(load_flat(model_dir))  # as the loop starts every run: θ_init in fp32, fresh Adam
+            learner.load_init(model_dir)  # as the loop starts every run: θ_init's directory, read a tensor at a time
             start_policy = learner.weights(master=True)
             start_policy = None if start_policy is None else _arrays(start_policy.tensors())
             start_anchor = _arrays((learner.anchor.gathered() if learner.anchor.partitioned
