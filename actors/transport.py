@@ -10,8 +10,8 @@ One interface (:class:`WeightTransport`), two implementations chosen by ``actors
   orchestrates: not one byte of the weights passes through it. The wire protocol is
   :mod:`actors.broadcast`.
 
-What a pool syncs from is a *source*: FlatWeights, an ObjectRef to FlatWeights (θ_init from the merger,
-once per iteration: the object store is the right path for it under either transport), or a
+What a pool syncs from is a *source*: FlatWeights, an ObjectRef to FlatWeights, an HF directory (θ_init
+as the merger wrote it, once per iteration: every engine reads it itself, under either transport), or a
 publisher. A LoRA run's step sends a second kind of message, its adapter (:mod:`actors.adapter`):
 ``send_adapter``, through the object store under either transport (it is megabytes).
 Imports ray lazily; never vllm or deepspeed.
@@ -132,7 +132,7 @@ class CollectiveTransport:
         import ray
 
         if not isinstance(source, WeightPublisher):
-            # θ_init from the merger is already in the object store: loading it from there is one read per node.
+            # θ_init is a directory every engine reads itself (or weights already in the object store): no group.
             return ObjectStoreTransport().send(engines, source, version)
         if self._publisher is not source:
             self.connect(engines, source)

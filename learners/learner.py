@@ -472,8 +472,8 @@ class LearnerRank:
         """LoRA in bf16: keep θ_init when it is wider than the frozen base (the merger's fp32 result).
 
         The saved policy is then θ_init + s·B·A, and its task vector s·B·A exactly; from the bf16 base it would also
-        carry θ_init's rounding, the same in every run, which SLERP would count as agreement between the runs. The
-        tensors are views of the buffer Ray maps from its object store: no copy in this process.
+        carry θ_init's rounding, the same in every run, which SLERP would count as agreement between the runs. Nothing
+        is copied: a directory's tensors are read when the policy is saved, FlatWeights' are views of its buffer.
         """
         state = state_of(weights) if weights is not None and self.dtype != "float32" else None
         wide = state is not None and any(s.dtype == "float32" for s in state_specs(weights, state))

@@ -7,7 +7,8 @@
 The M runs of an iteration run concurrently, one driver thread each, over their own Ray actors, each
 learner and engine in its own placement group. Weights never pass through the driver: after a step
 the learner publishes them (into the object store, or broadcast by its rank 0 to the engines), and
-θ_init is the merger's result in the object store. Rollouts travel as Arrow tables. Resume state is
+θ_init is the merger's result on disk, ``iter-<i>/init``, which every learner rank and engine reads a
+tensor at a time. Rollouts travel as Arrow tables, and are spilled to Parquet as they come. Resume state is
 written every ``warp.checkpoint_every`` steps and at iteration ends; where every actor ran is recorded
 in ``placement.json``.
 """
