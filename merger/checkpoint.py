@@ -426,6 +426,9 @@ class CheckpointState(Mapping):
     def close(self) -> None:
         self.checkpoint.close()
 
+    def __del__(self) -> None:  # its file descriptors are plain ints: nothing else would close them
+        self.close()
+
 
 def load_flat(path: str | Path, version: int = 0) -> FlatWeights:
     """Read an HF directory straight into one FlatWeights buffer (no intermediate tensors)."""

@@ -166,3 +166,26 @@ def test_saving_weights_of_another_architecture_is_refused(tiny_model_dir, tiny_
     with pytest.raises(CheckpointError, match="'lm_head.weight' is not in"):
         save_hf({**tiny_weights, "lm_head.weight": torch.ones(2)}, tmp_path / "out", tiny_model_dir)
     assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_state_reads_each_tensor_when_asked_and_closes_its_files(tiny_model_dir) -> None:
+    """How learners and engines take θ_init from its directory: a tensor at a time, no descriptor left open."""
+    import gc
+    import os
+
+    import torch
+
+    from merger.checkpoint import CheckpointState, load_flat
+
+    flat = dict(load_flat(tiny_model_dir).tensors())
+    open_before = len(os.listdir("/proc/self/fd"))
+    state = CheckpointState(tiny_model_dir)
+    assert list(state) == list(flat) and len(state) == len(flat)
+    assert [(s.name, s.dtype, s.shape) for s in state.specs] == [
+        (n, str(t.dtype)[6:], tuple(t.shape)) for n, t in flat.items()
+    ]
+    for name, tensor in state.tensors():
+        assert torch.equal(tensor, flat[name])
+    del state
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == open_before
