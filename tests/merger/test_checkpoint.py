@@ -173,9 +173,7 @@ def test_checkpoint_state_reads_each_tensor_when_asked_and_closes_its_files(tiny
     import gc
     import os
 
-    import torch
-
-    from merger.checkpoint import CheckpointState, load_flat
+    from merger.checkpoint import CheckpointState
 
     flat = dict(load_flat(tiny_model_dir).tensors())
     open_before = len(os.listdir("/proc/self/fd"))
