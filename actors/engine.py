@@ -314,18 +314,15 @@ class GenerationEngine:
         tensor at a time. Raises WeightMismatchError when the tensors are not the model's (nothing written), and
         PartialLoadError when the write failed part-way (the engine is then stale).
         """
-        if isinstance(weights, str | Path):
-            from merger.checkpoint import CheckpointState
+        from merger.checkpoint import CheckpointState, weight_source
 
-            state = CheckpointState(weights)
-            self._check_specs(state.specs, version)
-            state.close()
-            self.adapters.clear()
-            self._write(version, lambda: self.llm.collective_rpc("warp_load_checkpoint", args=(str(weights),)))
-            return self.version
-        self._check_specs(weights.specs, version)
+        source = weight_source(weights)
+        self._check_specs(source.specs, version)
         self.adapters.clear()  # trained on the old base
-        if self.cfg.multiprocessing:
+        if isinstance(source, CheckpointState):  # the workers read the directory themselves, in either mode
+            source.close()
+            self._write(version, lambda: self.llm.collective_rpc("warp_load_checkpoint", args=(str(weights),)))
+        elif self.cfg.multiprocessing:
             self._write(version, lambda: self._load_through_file(weights))
         else:
             self._write(version, lambda: self.llm.collective_rpc("warp_load_flat", args=(weights,)))

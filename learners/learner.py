@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     import torch
 
     from actors.adapter import AdapterWeights
+    from merger.checkpoint import CheckpointState
     from merger.flat import FlatWeights
     from warp_rlhf.config import LearnersConfig
 
@@ -445,15 +446,18 @@ class LearnerRank:
         """
         import torch
 
+        from merger.checkpoint import weight_source
+
         version = getattr(weights, "version", 0)  # a directory carries none: the driver tags versions itself
+        source = weight_source(weights)
         if self.lora:  # the frozen base ← θ_init, a fresh adapter: B = 0, so the policy is θ_init exactly
-            self._keep_wide_init(weights)
-            lora.load_base(self.engine.module, state_of(weights))
+            self._keep_wide_init(source)
+            lora.load_base(self.engine.module, source.state_dict())
             # A's random init from (seed, version): the same on every rank, and on a re-run.
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + version)
             lora.reset_adapter(self.engine.module, generator)
         else:
-            state = self._matching(state_of(weights))
+            state = self._matching(source.state_dict())
             with torch.no_grad():
                 for name, param in full_parameters(self.engine.module, modify=True):
                     param.copy_(state[name])
@@ -464,20 +468,19 @@ class LearnerRank:
             # θ_init wider than the model (the merger's fp32 result): the masters, like the EMA's fp32
             # accumulators, get it exactly, not its rounding to the model dtype.
             load_master_parameters(self.engine.module, self.engine.optimizer, state)
-            self.anchor.reset(state if anchor is None else self._matching(state_of(anchor)))
+            self.anchor.reset(state if anchor is None else self._matching(weight_source(anchor).state_dict()))
         self.updates = 0
         self.version = version
 
-    def _keep_wide_init(self, weights: FlatWeights | str | Path | None) -> None:
+    def _keep_wide_init(self, source: FlatWeights | CheckpointState | None) -> None:
         """LoRA in bf16: keep θ_init when it is wider than the frozen base (the merger's fp32 result).
 
         The saved policy is then θ_init + s·B·A, and its task vector s·B·A exactly; from the bf16 base it would also
         carry θ_init's rounding, the same in every run, which SLERP would count as agreement between the runs. Nothing
         is copied: a directory's tensors are read when the policy is saved, FlatWeights' are views of its buffer.
         """
-        state = state_of(weights) if weights is not None and self.dtype != "float32" else None
-        wide = state is not None and any(s.dtype == "float32" for s in state_specs(weights, state))
-        self._wide_init = state if wide else None
+        wide = source is not None and self.dtype != "float32" and any(s.dtype == "float32" for s in source.specs)
+        self._wide_init = source.state_dict() if wide else None
 
     def _matching(self, state: dict) -> dict:  # the policy's parameter names exactly, or KeyError
         names = {name for name, _ in self.engine.module.named_parameters()}
@@ -516,7 +519,9 @@ class LearnerRank:
         θ_init, which a LoRA learner's saved policy is formed on (the checkpoint holds only its rounding; None keeps
         the one load_init gave)."""
         if self.lora and init is not None:
-            self._keep_wide_init(init)
+            from merger.checkpoint import weight_source
+
+            self._keep_wide_init(weight_source(init))
         counters = load_rank_state(directory, self.engine, self.anchor, self.rank)
         self.steps, self.updates, self.version = counters["steps"], counters["updates"], counters["version"]
 
@@ -526,18 +531,6 @@ class LearnerRank:
         if self.anchor.partitioned:
             self.anchor.engine.destroy()
         self.engine.destroy()
-
-
-def state_of(weights: FlatWeights | str | Path) -> Any:
-    """``name → tensor`` of FlatWeights (views of its buffer) or of an HF directory (each tensor read when used)."""
-    from merger.checkpoint import CheckpointState
-    from merger.flat import FlatWeights
-
-    return weights.state_dict() if isinstance(weights, FlatWeights) else CheckpointState(weights)
-
-
-def state_specs(weights: Any, state: Any) -> tuple:
-    return weights.specs if hasattr(weights, "specs") else state.specs
 
 
 def torch_index(rows: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -423,11 +423,21 @@ class CheckpointState(Mapping):
         """(name, tensor) in the checkpoint's order, one read each, like ``FlatWeights.tensors``."""
         return ((name, self[name]) for name in self)
 
+    def state_dict(self) -> CheckpointState:
+        """Itself, as ``FlatWeights.state_dict`` gives a mapping: the two serve the same callers."""
+        return self
+
     def close(self) -> None:
         self.checkpoint.close()
 
     def __del__(self) -> None:  # its file descriptors are plain ints: nothing else would close them
         self.close()
+
+
+def weight_source(weights: FlatWeights | str | Path) -> FlatWeights | CheckpointState:
+    """Weights as given, or an HF directory opened for reading a tensor at a time: both have ``specs``,
+    ``tensors()`` and ``state_dict()``."""
+    return weights if isinstance(weights, FlatWeights) else CheckpointState(weights)
 
 
 def load_flat(path: str | Path, version: int = 0) -> FlatWeights:
